@@ -1,0 +1,122 @@
+"""The ``medmeta`` command: prepare (fetch + build), info and verify a store.
+
+Bad input prints one line naming the file, subset or argument and exits non-zero; the
+store is never changed by a failed command.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .fetch import SOURCE_DIR_ENV, SourceError
+from .manifest import ManifestError, load_manifest
+from .store import ROOT_ENV, Store, StoreError
+from .tasks import describe_subset
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return Store(args.root, load_manifest(args.manifest) if args.manifest else None)
+
+
+def _targets(store: Store, names: list[str], sizes: list[int] | None, source_dir: str | None,
+             available: bool) -> list[tuple[str, int]]:
+    """(subset, size) pairs to build: named subsets at the given sizes, or every file present locally."""
+    manifest = store.manifest
+    if available:
+        if not source_dir:
+            raise ValueError(f"--available needs --source-dir or ${SOURCE_DIR_ENV}")
+        folder = Path(source_dir)
+        if not folder.is_dir():
+            raise ValueError(f"--source-dir {folder} is not a folder")
+        chosen = [manifest.resolve(n) for n in names] or list(manifest.subsets)
+        return [(name, size) for name in chosen for size in manifest[name].sizes
+                if (sizes is None or size in sizes) and (folder / manifest[name].file(size).file).is_file()]
+    if not names:
+        raise ValueError("name the subsets to prepare (e.g. `medmeta prepare retina breast`), 'all', or pass --available")
+    chosen = list(manifest.subsets) if names == ["all"] else [manifest.resolve(n) for n in names]
+    return [(name, size) for name in chosen for size in (sizes or [28]) if size in manifest[name].sizes]
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    store = _store(args)
+    source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
+    targets = _targets(store, args.subsets, args.size, source_dir, args.available)
+    if not targets:
+        raise ValueError("nothing to prepare: no matching official files found")
+    for subset, size in targets:
+        skipped = not args.force and store.is_built(subset, size)
+        path = store.build(subset, size, source_dir=source_dir, download=not args.no_download, force=args.force)
+        print(f"{'already built' if skipped else 'built'}: {subset} {size}px -> {path}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    store = _store(args)
+    entries = store.info()
+    if not entries:
+        print(f"no subsets built in {store.root}; run `medmeta prepare --help`")
+        return 0
+    print(f"store: {store.root}")
+    print(f"{'subset':<16}{'size':>5}{'train':>8}{'val':>7}{'test':>7}  {'manifest':<9} tasks")
+    for e in entries:
+        info = store.manifest[e.subset]
+        ok = "ok" if e.counts == dict(info.splits) else "MISMATCH"
+        tasks = describe_subset(info, e.size)
+        task_text = tasks[0].task_type if len(tasks) == 1 else f"{tasks[0].task_type} + {len(tasks) - 1} binary"
+        print(f"{e.subset:<16}{e.size:>5}{e.counts['train']:>8}{e.counts['val']:>7}{e.counts['test']:>7}  "
+              f"{ok:<9} {task_text} ({len(info.labels)} labels, {info.domain})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = _store(args)
+    wanted = {store.manifest.resolve(n) for n in args.subsets}
+    pairs = [(s, z) for s, z in store.built() if not wanted or s in wanted]
+    if not pairs:
+        raise StoreError(f"nothing to verify in {store.root}")
+    failed = 0
+    for subset, size in pairs:
+        try:
+            store.verify(subset, size)
+            print(f"ok: {subset} {size}px")
+        except StoreError as exc:
+            failed += 1
+            print(f"FAILED: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medmeta", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", default=None, help=f"store folder (default ${ROOT_ENV} or ~/.medmeta)")
+    common.add_argument("--manifest", default=None, help="manifest file (default: the bundled data_manifest.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", parents=[common], help="fetch, verify and build subsets into the store")
+    prep.add_argument("subsets", nargs="*", help="subset names (full or short, e.g. retina organa nodule3d) or 'all'")
+    prep.add_argument("--size", type=int, action="append", help="image size (repeatable; default 28)")
+    prep.add_argument("--source-dir", default=None, help=f"folder with official npz files (or ${SOURCE_DIR_ENV})")
+    prep.add_argument("--available", action="store_true", help="build every official file present in --source-dir")
+    prep.add_argument("--no-download", action="store_true", help="never download; use local files only")
+    prep.add_argument("--force", action="store_true", help="rebuild even if already built")
+    prep.set_defaults(func=cmd_prepare)
+    info = sub.add_parser("info", parents=[common], help="list built subsets, split counts and tasks")
+    info.set_defaults(func=cmd_info)
+    ver = sub.add_parser("verify", parents=[common], help="re-check built files against manifest and checksums")
+    ver.add_argument("subsets", nargs="*")
+    ver.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SourceError, StoreError, ManifestError, ValueError, FileNotFoundError) as exc:
+        print(f"medmeta {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

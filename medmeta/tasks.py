@@ -1,0 +1,182 @@
+"""Tasks: what a built store subset means for learning, and a torch Dataset per (task, split).
+
+A subset becomes one task (ChestMNIST becomes one multi-label task plus 14 binary tasks,
+one per finding, with ids like ``chestmnist:effusion``). ``MedMNISTTask`` reads images
+from the HDF5 store, opening the file lazily in each process so it is safe with
+DataLoader workers, or holds the whole split in memory for small image sizes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .manifest import SPLITS, Manifest, SubsetInfo, load_manifest
+from .store import Store
+
+# Splits whose images fit comfortably in memory are loaded whole when in_memory is None.
+AUTO_IN_MEMORY_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class TaskDescription:
+    """A learning task: which subset, which labels, and what kind of prediction."""
+
+    task_id: str
+    subset: str
+    task_type: str
+    class_names: tuple[str, ...]
+    domain: str
+    modality: str
+    channels: int
+    size: int
+    dims: int
+    label_column: int | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_outputs(self) -> int:
+        """Logits a head needs: 1 for binary, one per label for multi-label, else one per class."""
+        return 1 if self.task_type == "binary" else self.num_classes
+
+
+def describe_subset(info: SubsetInfo, size: int) -> list[TaskDescription]:
+    """The tasks a subset offers at one size (ChestMNIST: multi-label plus one binary per finding)."""
+    info.file(size)
+    common = dict(subset=info.name, domain=info.domain, modality=info.modality,
+                  channels=info.channels, size=size, dims=info.dims)
+    tasks = [TaskDescription(info.name, task_type=info.task_type, class_names=info.labels, **common)]
+    if info.task_type == "multi-label":
+        for col, finding in enumerate(info.labels):
+            tasks.append(TaskDescription(
+                f"{info.name}:{finding.replace(' ', '_')}", task_type="binary",
+                class_names=(f"no {finding}", finding), label_column=col, **common))
+    return tasks
+
+
+def find_task(task_id: str, size: int = 28, manifest: Manifest | None = None) -> TaskDescription:
+    """Look up a task by id; the subset part may be a short name (``retina``, ``chest:effusion``)."""
+    manifest = manifest or load_manifest()
+    subset_part, _, finding = task_id.partition(":")
+    info = manifest[subset_part]
+    wanted = info.name + (f":{finding}" if finding else "")
+    for task in describe_subset(info, size):
+        if task.task_id == wanted:
+            return task
+    names = [t.task_id for t in describe_subset(info, size)]
+    raise ValueError(f"unknown task {task_id!r}; {info.name} offers: {names}")
+
+
+def list_tasks(store: Store) -> list[TaskDescription]:
+    """Every task available from the subsets built in a store."""
+    return [t for subset, size in store.built() for t in describe_subset(store.manifest[subset], size)]
+
+
+class MedMNISTTask(Dataset):
+    """Images and labels of one task and split, read from a built store.
+
+    Items are ``(image, label)``: image a float tensor in [0, 1] shaped (C, H, W) or
+    (C, D, H, W); label an int64 scalar (binary, multi-class, ordinal) or a float vector
+    (multi-label). ``labels`` holds every label as a numpy array for samplers.
+    """
+
+    def __init__(
+        self,
+        root: str | Path | Store,
+        task: str | TaskDescription,
+        split: str = "train",
+        size: int = 28,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        in_memory: bool | None = None,
+    ) -> None:
+        self.store = root if isinstance(root, Store) else Store(root)
+        self.task = task if isinstance(task, TaskDescription) else find_task(task, size, self.store.manifest)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        self.split = split
+        self.transform = transform
+        self.path = self.store.path(self.task.subset, self.task.size, must_exist=True)
+        with h5py.File(self.path, "r") as fh:
+            images = fh[f"{split}/images"]
+            raw_labels = fh[f"{split}/labels"][()]
+            nbytes = images.size * images.dtype.itemsize
+            self._images: np.ndarray | None = images[()] if (
+                in_memory or (in_memory is None and nbytes <= AUTO_IN_MEMORY_BYTES)) else None
+        if self.task.label_column is not None:
+            raw_labels = raw_labels[:, self.task.label_column]
+        elif self.task.task_type != "multi-label":
+            raw_labels = raw_labels[:, 0]
+        self.labels: np.ndarray = raw_labels.astype(np.int64)
+        self._handle: h5py.File | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return self._images is not None
+
+    def _file(self) -> h5py.File:
+        if self._handle is None or self._pid != os.getpid():
+            self._handle = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._handle
+
+    def raw_images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """uint8 images for many indices in one read, in the order given."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if self._images is not None:
+            return self._images[idx]
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        unique, inverse = np.unique(sorted_idx, return_inverse=True)
+        block = self._file()[f"{self.split}/images"][unique]
+        out = np.empty_like(block[inverse])
+        out[order] = block[inverse]
+        return out
+
+    def to_tensor(self, raw: np.ndarray) -> torch.Tensor:
+        """uint8 images (batch first, npz layout) to float tensors in [0, 1], channels first."""
+        x = torch.from_numpy(np.ascontiguousarray(raw)).float().div_(255.0)
+        if self.task.dims == 3:
+            return x.unsqueeze(1)
+        if x.ndim == 3:
+            return x.unsqueeze(1)
+        return x.permute(0, 3, 1, 2).contiguous()
+
+    def label_tensor(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        y = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
+        return y.float() if self.task.task_type == "multi-label" else y
+
+    def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and labels for many indices at once, with ``transform`` applied per image."""
+        x = self.to_tensor(self.raw_images(indices))
+        if self.transform is not None:
+            x = torch.stack([self.transform(img) for img in x])
+        return x, self.label_tensor(indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.to_tensor(self.raw_images([index]))[0]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.label_tensor([index])[0]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_handle"] = None
+        state["_pid"] = None
+        return state
+
+    def __repr__(self) -> str:
+        where = "memory" if self.in_memory else str(self.path)
+        return f"MedMNISTTask({self.task.task_id!r}, split={self.split!r}, size={self.task.size}, n={len(self)}, from={where})"
