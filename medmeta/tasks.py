@@ -116,7 +116,7 @@ class MedMNISTTask(Dataset):
         elif self.task.task_type != "multi-label":
             raw_labels = raw_labels[:, 0]
         self.labels: np.ndarray = raw_labels.astype(np.int64)
-        self._handle: h5py.File | None = None
+        self._handle: h5py.Dataset | None = None
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -126,24 +126,24 @@ class MedMNISTTask(Dataset):
     def in_memory(self) -> bool:
         return self._images is not None
 
-    def _file(self) -> h5py.File:
+    def _dataset(self) -> h5py.Dataset:
+        """The split's image dataset, opened lazily once per process (fork-safe for workers)."""
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")
+            self._handle = h5py.File(self.path, "r")[f"{self.split}/images"]
             self._pid = os.getpid()
         return self._handle
 
     def raw_images(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """uint8 images for many indices in one read, in the order given."""
+        """uint8 images for many indices, in the order given.
+
+        From HDF5, one integer read per image: an order of magnitude faster in h5py than a
+        fancy-indexed read of the same rows.
+        """
         idx = np.asarray(indices, dtype=np.int64)
         if self._images is not None:
             return self._images[idx]
-        order = np.argsort(idx, kind="stable")
-        sorted_idx = idx[order]
-        unique, inverse = np.unique(sorted_idx, return_inverse=True)
-        block = self._file()[f"{self.split}/images"][unique]
-        out = np.empty_like(block[inverse])
-        out[order] = block[inverse]
-        return out
+        dset = self._dataset()
+        return np.stack([dset[i] for i in idx.tolist()]) if len(idx) else np.empty((0, *dset.shape[1:]), np.uint8)
 
     def to_tensor(self, raw: np.ndarray) -> torch.Tensor:
         """uint8 images (batch first, npz layout) to float tensors in [0, 1], channels first."""
