@@ -84,7 +84,8 @@ def list_tasks(store: Store) -> list[TaskDescription]:
 class MedMNISTTask(Dataset):
     """Images and labels of one task and split, read from a built store.
 
-    Items are ``(image, label)``: image a float tensor in [0, 1] shaped (C, H, W) or
+    ``split="all"`` concatenates train, val and test (in that order), for few-shot targets whose
+    episodes may come from the whole dataset. Items are ``(image, label)``: image a float tensor in [0, 1] shaped (C, H, W) or
     (C, D, H, W); label an int64 scalar (binary, multi-class, ordinal) or a float vector
     (multi-label). ``labels`` holds every label as a numpy array for samplers.
     """
@@ -100,23 +101,25 @@ class MedMNISTTask(Dataset):
     ) -> None:
         self.store = root if isinstance(root, Store) else Store(root)
         self.task = task if isinstance(task, TaskDescription) else find_task(task, size, self.store.manifest)
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        if split not in (*SPLITS, "all"):
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS} or 'all'")
         self.split = split
+        self._parts = SPLITS if split == "all" else (split,)
         self.transform = transform
         self.path = self.store.path(self.task.subset, self.task.size, must_exist=True)
         with h5py.File(self.path, "r") as fh:
-            images = fh[f"{split}/images"]
-            raw_labels = fh[f"{split}/labels"][()]
-            nbytes = images.size * images.dtype.itemsize
-            self._images: np.ndarray | None = images[()] if (
-                in_memory or (in_memory is None and nbytes <= AUTO_IN_MEMORY_BYTES)) else None
+            images = [fh[f"{part}/images"] for part in self._parts]
+            raw_labels = np.concatenate([fh[f"{part}/labels"][()] for part in self._parts])
+            nbytes = sum(d.size * d.dtype.itemsize for d in images)
+            keep = in_memory or (in_memory is None and nbytes <= AUTO_IN_MEMORY_BYTES)
+            self._images: np.ndarray | None = np.concatenate([d[()] for d in images]) if keep else None
+            self._offsets = np.cumsum([0] + [len(d) for d in images])
         if self.task.label_column is not None:
             raw_labels = raw_labels[:, self.task.label_column]
         elif self.task.task_type != "multi-label":
             raw_labels = raw_labels[:, 0]
         self.labels: np.ndarray = raw_labels.astype(np.int64)
-        self._handle: h5py.Dataset | None = None
+        self._handle: list[h5py.Dataset] | None = None
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -126,10 +129,11 @@ class MedMNISTTask(Dataset):
     def in_memory(self) -> bool:
         return self._images is not None
 
-    def _dataset(self) -> h5py.Dataset:
-        """The split's image dataset, opened lazily once per process (fork-safe for workers)."""
+    def _datasets(self) -> list[h5py.Dataset]:
+        """The image datasets of the split(s), opened lazily once per process (fork-safe for workers)."""
         if self._handle is None or self._pid != os.getpid():
-            self._handle = h5py.File(self.path, "r")[f"{self.split}/images"]
+            fh = h5py.File(self.path, "r")
+            self._handle = [fh[f"{part}/images"] for part in self._parts]
             self._pid = os.getpid()
         return self._handle
 
@@ -142,8 +146,12 @@ class MedMNISTTask(Dataset):
         idx = np.asarray(indices, dtype=np.int64)
         if self._images is not None:
             return self._images[idx]
-        dset = self._dataset()
-        return np.stack([dset[i] for i in idx.tolist()]) if len(idx) else np.empty((0, *dset.shape[1:]), np.uint8)
+        dsets = self._datasets()
+        if len(idx) == 0:
+            return np.empty((0, *dsets[0].shape[1:]), np.uint8)
+        part = np.searchsorted(self._offsets, idx, side="right") - 1
+        local = idx - self._offsets[part]
+        return np.stack([dsets[p][i] for p, i in zip(part.tolist(), local.tolist())])
 
     def to_tensor(self, raw: np.ndarray) -> torch.Tensor:
         """uint8 images (batch first, npz layout) to float tensors in [0, 1], channels first."""
