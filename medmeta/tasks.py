@@ -155,12 +155,9 @@ class MedMNISTTask(Dataset):
 
     def to_tensor(self, raw: np.ndarray) -> torch.Tensor:
         """uint8 images (batch first, npz layout) to float tensors in [0, 1], channels first."""
-        x = torch.from_numpy(np.ascontiguousarray(raw)).float().div_(255.0)
-        if self.task.dims == 3:
-            return x.unsqueeze(1)
-        if x.ndim == 3:
-            return x.unsqueeze(1)
-        return x.permute(0, 3, 1, 2).contiguous()
+        if raw.ndim == 4 and self.task.dims == 2:
+            return torch.from_numpy(raw.transpose(0, 3, 1, 2).astype(np.float32)).div_(255.0)
+        return torch.from_numpy(np.ascontiguousarray(raw)).float().div_(255.0).unsqueeze(1)
 
     def label_tensor(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         y = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])

@@ -1,0 +1,829 @@
+"""Few-shot episodes: support and query sets sampled reproducibly from tasks.
+
+An episode is a pure function of (task, split, seed, episode index) and the sampler's
+settings. Indices are drawn in blocks of ``BLOCK`` episodes from one generator seeded with
+``[seed, crc32(task_id), crc32(split), block]``, vectorised over the block; images are then
+read with one ``dataset.get_batch`` gather per group of consecutive episodes, so the
+transform is applied per image and nothing depends on the process or the number of
+DataLoader workers. Fixed evaluation sets are stored as JSON lists of indices
+(``save_episode_set``), which also protects them from changes in numpy's random streams.
+
+Label conventions (what heads and losses downstream rely on):
+
+- binary: ``y`` int64 in {0, 1}, ``classes == (0, 1)``, always K negatives and K positives;
+- multi-class and ordinal: ``y`` int64 in 0..N-1, episode class i is original class
+  ``classes[i]``; chosen classes are kept in ascending order, so ordinal grades keep their order;
+- multi-label: ``y`` float32 (n, L) with every label column, ``classes == (0, .., L-1)``.
+
+Support and query are class-major for single-label tasks (K of class 0, K of class 1, ...)
+and in ascending index order for multi-label tasks.
+
+Multi-label episodes use greedy set sampling. Support: visit the L labels in random order;
+for each, if the samples chosen so far hold fewer than K of its positives, add the missing
+number drawn uniformly from its positives not yet chosen, then do the same for its negatives.
+The query repeats this with n_query, drawing only from samples outside the support.
+Guarantees: counts only grow, so every label ends with at least K positives and K negatives
+in the support (n_query in the query); the support holds at most 2*K*L samples and the query
+at most 2*n_query*L; the two are disjoint. The sampler first checks that every label has at
+least K + n_query positives and negatives in the split (a ValueError names the labels that
+do not). That always suffices for the support; the query can still fall short when the
+support happened to take more than K of a rare label's positives (or negatives), and then a
+ValueError names the label: an episode is never silently short. Not guaranteed: balance
+beyond the minimum, or the smallest possible set (greedy, not optimal).
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import __version__
+from .manifest import SPLITS
+from .tasks import TaskDescription
+
+BLOCK = 128
+"""Episodes drawn per random generator. Part of the reproducibility contract: changing it
+changes every episode, so it is fixed."""
+CHUNK_BYTES = 2 * 2**20
+"""Float bytes of images gathered at once by the fast path; small enough to stay in cache."""
+EPISODE_SET_FORMAT = "medmeta-episode-set"
+EPISODE_SET_VERSION = 1
+_MULTI_TASK_TAG = 0x6D756C74  # separates the multi-task generator from single-task ones
+
+NWay = Union[int, Literal["all"], None]
+Device = Union[str, torch.device, None]
+
+
+class EpisodeSource(Protocol):
+    """What samplers need from a dataset; ``MedMNISTTask`` provides it (any split, or ``"all"``).
+
+    ``get_batch(indices) -> (x, y)`` is optional: without it images are stacked from items.
+    """
+
+    task: TaskDescription
+    split: str
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def stable_hash(text: str) -> int:
+    """CRC32 of a string: identical in every process, unlike ``hash()``."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class EpisodeSpec:
+    """Which samples make an episode: enough to save, load and rebuild it.
+
+    Iterating it gives the support indices then the query indices, so it is also a plain
+    index batch for ``DataLoader(..., batch_sampler=...)``.
+    """
+
+    task_id: str
+    split: str
+    seed: int
+    index: int
+    classes: tuple[int, ...]
+    support_indices: np.ndarray
+    query_indices: np.ndarray
+
+    @property
+    def indices(self) -> np.ndarray:
+        return np.concatenate([self.support_indices, self.query_indices])
+
+    def __len__(self) -> int:
+        return len(self.support_indices) + len(self.query_indices)
+
+    def __getitem__(self, i: int) -> int:
+        return int(self.indices[i])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EpisodeSpec):
+            return NotImplemented
+        return (self.task_id, self.split, self.seed, self.index, self.classes) == (
+            other.task_id, other.split, other.seed, other.index, other.classes) and (
+            np.array_equal(self.support_indices, other.support_indices)
+            and np.array_equal(self.query_indices, other.query_indices))
+
+    def __repr__(self) -> str:
+        return (f"EpisodeSpec({self.task_id!r}, split={self.split!r}, seed={self.seed}, index={self.index}, "
+                f"classes={self.classes}, support={len(self.support_indices)}, query={len(self.query_indices)})")
+
+
+@dataclass(eq=False)
+class Episode:
+    """One few-shot episode as plain tensors, with what is needed to replay it."""
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    task: TaskDescription
+    split: str
+    classes: tuple[int, ...]
+    support_indices: np.ndarray
+    query_indices: np.ndarray
+    seed: int
+    index: int
+
+    @property
+    def num_outputs(self) -> int:
+        """Logits a head needs: 1 for binary, else the episode's classes (or labels)."""
+        return 1 if self.task.task_type == "binary" else len(self.classes)
+
+    @property
+    def n_way(self) -> int:
+        return len(self.classes)
+
+    @property
+    def label_map(self) -> dict[int, int]:
+        """Original class id -> episode label (single-label tasks)."""
+        return {c: i for i, c in enumerate(self.classes)}
+
+    @property
+    def spec(self) -> EpisodeSpec:
+        return EpisodeSpec(self.task.task_id, self.split, self.seed, self.index, self.classes,
+                           self.support_indices, self.query_indices)
+
+    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Episode:
+        return replace(self, support_x=fn(self.support_x), support_y=fn(self.support_y),
+                       query_x=fn(self.query_x), query_y=fn(self.query_y))
+
+    def to(self, device: Device, non_blocking: bool = False) -> Episode:
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> Episode:
+        """Called by ``DataLoader(pin_memory=True)``."""
+        return self._map_tensors(torch.Tensor.pin_memory)
+
+    def __repr__(self) -> str:
+        return (f"Episode({self.task.task_id!r}, split={self.split!r}, index={self.index}, classes={self.classes}, "
+                f"support_x={tuple(self.support_x.shape)}, query_x={tuple(self.query_x.shape)}, "
+                f"device={self.support_x.device})")
+
+
+def _check_split(split: str) -> None:
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS} or 'all'")
+
+
+def _check_counts(k_shot: int, n_query: int) -> None:
+    for name, value in (("k_shot", k_shot), ("n_query", n_query)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _distinct(rng: np.random.Generator, n: np.ndarray, m: int) -> np.ndarray:
+    """Row r: m distinct integers from range(n[r]), uniformly, in uniformly random order.
+
+    Floyd's algorithm vectorised over rows (m steps whatever n is, exact even when n == m),
+    then a shuffle so that any prefix is itself a uniform subset.
+    """
+    rows = len(n)
+    u = rng.random((rows, m))
+    out = np.empty((rows, m), dtype=np.int64)
+    for s in range(m):
+        j = n - (m - s)
+        t = (u[:, s] * (j + 1)).astype(np.int64)
+        if s:
+            t = np.where((out[:, :s] == t[:, None]).any(axis=1), j, t)
+        out[:, s] = t
+    order = np.argsort(rng.random((rows, m)), axis=1, kind="stable")
+    return np.take_along_axis(out, order, axis=1)
+
+
+class _TaskPlan:
+    """Per-dataset precomputation: class pools (single-label) or label pools (multi-label)."""
+
+    def __init__(self, dataset: EpisodeSource, need: int, min_class_samples: int | None) -> None:
+        self.task: TaskDescription = dataset.task
+        self.split: str = dataset.split
+        _check_split(self.split)
+        self.where = f"{self.task.task_id}/{self.split}"
+        labels = np.asarray(dataset.labels)
+        if len(labels) != len(dataset):
+            raise ValueError(f"{self.where}: {len(labels)} labels for {len(dataset)} samples")
+        self.multilabel = self.task.task_type == "multi-label"
+        names = self.task.class_names
+        if self.multilabel:
+            if min_class_samples is not None:
+                raise ValueError("min_class_samples does not apply to multi-label tasks: every label is kept")
+            self.y = labels.astype(bool)
+            pos = self.y.sum(axis=0)
+            neg = len(self.y) - pos
+            short = [f"label {c} ({names[c]!r}: {pos[c]} positives, {neg[c]} negatives)"
+                     for c in range(self.y.shape[1]) if min(pos[c], neg[c]) < need]
+            if short:
+                raise ValueError(
+                    f"{self.where}: every label needs at least k_shot + n_query = {need} positives and "
+                    f"{need} negatives; too few for {', '.join(short)}. Lower k_shot or n_query")
+            self.pos = [np.flatnonzero(self.y[:, c]) for c in range(self.y.shape[1])]
+            self.neg = [np.flatnonzero(~self.y[:, c]) for c in range(self.y.shape[1])]
+            self.eligible = np.arange(self.y.shape[1])
+            self.min_class_samples = None
+            return
+        if labels.ndim != 1:
+            raise ValueError(f"{self.where}: expected one label per sample, got shape {labels.shape}")
+        counts = np.bincount(labels, minlength=self.task.num_classes)
+        if min_class_samples is None:
+            eligible = np.arange(len(counts))
+        else:
+            eligible = np.flatnonzero(counts >= min_class_samples)
+        short = [f"class {c} ({names[c] if c < len(names) else '?'!r}) has {counts[c]}"
+                 for c in eligible if counts[c] < need]
+        if short:
+            raise ValueError(
+                f"{self.where}: {'; '.join(short)} samples, fewer than k_shot + n_query = {need}. Lower k_shot "
+                f"or n_query, or pass min_class_samples={need} to leave such classes out")
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.pool = np.argsort(labels, kind="stable").astype(np.int64)
+        self.eligible = eligible.astype(np.int64)
+        self.counts = counts[eligible].astype(np.int64)
+        self.starts = starts[eligible].astype(np.int64)
+        self.min_class_samples = min_class_samples
+
+    @property
+    def max_way(self) -> int:
+        return len(self.eligible)
+
+    def resolve_way(self, n_way: NWay, strict: bool) -> int:
+        """N for this task. ``strict`` (single-task samplers) refuses an n_way that cannot apply."""
+        if n_way is not None and n_way != "all" and (
+                isinstance(n_way, bool) or not isinstance(n_way, (int, np.integer))):
+            raise ValueError(f"n_way must be an integer, 'all' or None, got {n_way!r}")
+        kind = self.task.task_type
+        if kind in ("binary", "multi-label"):
+            full = 2 if kind == "binary" else self.max_way
+            if strict and n_way not in (None, "all") and not (kind == "binary" and n_way == 2):
+                what = "always 2-way (K negatives, K positives)" if kind == "binary" else "always use every label"
+                raise ValueError(f"{self.where} is a {kind} task: its episodes are {what}; pass n_way=None")
+            if kind == "binary" and self.max_way < 2:
+                raise ValueError(f"{self.where}: a binary episode needs both classes, but only {self.max_way} "
+                                 f"has at least min_class_samples={self.min_class_samples} samples")
+            return full
+        if n_way is None or n_way == "all":
+            n_way = self.max_way
+        if n_way < 2:
+            raise ValueError(f"n_way must be at least 2, got {n_way}")
+        if n_way > self.max_way:
+            rule = "" if self.min_class_samples is None else f" with at least {self.min_class_samples} samples"
+            raise ValueError(f"n_way={n_way} but {self.where} has only {self.max_way} eligible classes{rule}")
+        return int(n_way)
+
+    def draw(self, rng: np.random.Generator, count: int, n_way: int, k_shot: int, n_query: int
+             ) -> tuple[list[tuple[int, ...]], Sequence[np.ndarray], Sequence[np.ndarray]]:
+        """``count`` episodes: their classes, support indices and query indices."""
+        if self.multilabel:
+            out = [self._draw_multilabel(rng, k_shot, n_query) for _ in range(count)]
+            classes = tuple(range(self.max_way))
+            return [classes] * count, [s for s, _ in out], [q for _, q in out]
+        n_classes = self.max_way
+        if n_way == n_classes:
+            chosen = np.broadcast_to(np.arange(n_classes), (count, n_classes))
+        else:
+            keys = rng.random((count, n_classes))
+            chosen = np.sort(np.argpartition(keys, n_way - 1, axis=1)[:, :n_way], axis=1)
+        local = _distinct(rng, self.counts[chosen].reshape(-1), k_shot + n_query)
+        idx = self.pool[self.starts[chosen].reshape(-1, 1) + local].reshape(count, n_way, -1)
+        support = _frozen(np.ascontiguousarray(idx[:, :, :k_shot]).reshape(count, -1))
+        query = _frozen(np.ascontiguousarray(idx[:, :, k_shot:]).reshape(count, -1))
+        return list(map(tuple, self.eligible[chosen].tolist())), support, query
+
+    def _draw_multilabel(self, rng: np.random.Generator, k_shot: int, n_query: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        taken = np.zeros(len(self.y), dtype=bool)
+        support = self._greedy(rng, k_shot, taken, "support")
+        query = self._greedy(rng, n_query, taken, "query")
+        return support, query
+
+    def _greedy(self, rng: np.random.Generator, k: int, taken: np.ndarray, role: str) -> np.ndarray:
+        """Greedy set sampling: visit labels in random order; for each, top up its positives,
+        then its negatives, to k with samples drawn uniformly from those not yet taken.
+
+        Counts only grow, so once a label is served it stays served: every label ends with at
+        least k positives and k negatives, using at most 2 * k * L samples.
+        """
+        n_labels = self.y.shape[1]
+        pos_count = np.zeros(n_labels, dtype=np.int64)
+        neg_count = np.zeros(n_labels, dtype=np.int64)
+        picked = []
+        for c in rng.permutation(n_labels):
+            for positive in (True, False):
+                need = k - (pos_count[c] if positive else neg_count[c])
+                if need <= 0:
+                    continue
+                pool = self.pos[c] if positive else self.neg[c]
+                new = _draw_untaken(rng, pool, int(need), taken)
+                if new is None:
+                    kind = "positives" if positive else "negatives"
+                    free = int((~taken[pool]).sum())
+                    raise ValueError(
+                        f"{self.where}: label {c} ({self.task.class_names[c]!r}) has only {free} {kind} left for the "
+                        f"{role} after the support took its share, {need} more are needed; lower k_shot or n_query")
+                taken[new] = True
+                rows = self.y[new]
+                hits = rows.sum(axis=0)
+                pos_count += hits
+                neg_count += len(new) - hits
+                picked.append(new)
+        return _frozen(np.sort(np.concatenate(picked)))
+
+
+def _draw_untaken(rng: np.random.Generator, pool: np.ndarray, need: int, taken: np.ndarray) -> np.ndarray | None:
+    """``need`` distinct members of ``pool`` not yet taken, uniformly; None if too few remain.
+
+    Draws with replacement and keeps first occurrences of untaken members (sequential sampling
+    without replacement, cheap when the pool is large); tops up exactly when that falls short.
+    """
+    cand = pool[rng.integers(0, len(pool), size=2 * need + 8)]
+    cand = cand[~taken[cand]]
+    _, first = np.unique(cand, return_index=True)
+    got = cand[np.sort(first)][:need]
+    if len(got) == need:
+        return got
+    rest = pool[~taken[pool]]
+    rest = rest[~np.isin(rest, got)]
+    if len(rest) < need - len(got):
+        return None
+    return np.concatenate([got, rng.choice(rest, need - len(got), replace=False)])
+
+
+def _specs(plan: _TaskPlan, rng: np.random.Generator, seed: int, indices: Sequence[int], n_way: int,
+           k_shot: int, n_query: int) -> list[EpisodeSpec]:
+    classes, support, query = plan.draw(rng, len(indices), n_way, k_shot, n_query)
+    task_id, split = plan.task.task_id, plan.split
+    return [EpisodeSpec(task_id, split, seed, int(i), c, s, q)
+            for i, c, s, q in zip(indices, classes, support, query)]
+
+
+class _BlockCache:
+    """Episode specs by global index, generating one block of ``BLOCK`` at a time."""
+
+    def __init__(self, make_block: Callable[[int], list[EpisodeSpec]]) -> None:
+        self._make = make_block
+        self._block = -1
+        self._specs: list[EpisodeSpec] = []
+
+    def __call__(self, index: int) -> EpisodeSpec:
+        if index < 0:
+            raise IndexError(f"episode index must be >= 0, got {index}")
+        block, offset = divmod(index, BLOCK)
+        if block != self._block:
+            self._specs = self._make(block)
+            self._block = block
+        return self._specs[offset]
+
+
+class _EpisodicSampler(Sampler[EpisodeSpec]):
+    """Shared behaviour: epochs, iteration over specs, the fast path and a DataLoader."""
+
+    n_episodes: int
+    epoch: int
+    _spec: _BlockCache
+
+    def _datasets(self) -> list[EpisodeSource]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.n_episodes
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch e yields episodes e * n_episodes ... (e + 1) * n_episodes - 1."""
+        self.epoch = int(epoch)
+
+    def spec(self, index: int) -> EpisodeSpec:
+        """The episode with this global index (any epoch), by random access."""
+        return self._spec(index)
+
+    def __iter__(self) -> Iterator[EpisodeSpec]:
+        start = self.epoch * self.n_episodes
+        for i in range(start, start + self.n_episodes):
+            yield self._spec(i)
+
+    def episodes(self, device: Device = None, non_blocking: bool = False) -> Iterator[Episode]:
+        """Episode objects for this epoch, gathered in the calling process (the fast path)."""
+        return materialise(self._datasets(), self, device=device, non_blocking=non_blocking)
+
+    def episode(self, index: int, device: Device = None) -> Episode:
+        return next(materialise(self._datasets(), [self.spec(index)], device=device))
+
+    def loader(self, **dataloader_kwargs: Any) -> DataLoader:
+        """A DataLoader yielding Episodes: images gathered (and transformed) in its workers."""
+        return DataLoader(EpisodeDataset(self._datasets()), batch_sampler=self, collate_fn=collate_episode,
+                          **dataloader_kwargs)
+
+
+class EpisodeSampler(_EpisodicSampler):
+    """Episodes from one task and split: N-way (``None`` or ``"all"``: every eligible class),
+    K-shot, ``n_query`` queries per class, query disjoint from support.
+
+    Yields ``EpisodeSpec`` index batches; use ``episodes()`` for Episode objects, or
+    ``loader(num_workers=..., pin_memory=...)`` for a DataLoader. Classes with fewer than
+    ``min_class_samples`` samples are left out; ``None`` keeps every class, and a class with
+    fewer than k_shot + n_query samples is then an error. Binary episodes are always
+    K negatives + K positives; multi-label support and query sets give every label at least
+    K (resp. n_query) positives and negatives (greedy set sampling, see the module docstring).
+    """
+
+    def __init__(self, dataset: EpisodeSource, n_way: NWay = None, k_shot: int = 5, n_query: int = 10,
+                 n_episodes: int = 100, seed: int = 0, min_class_samples: int | None = None) -> None:
+        _check_counts(k_shot, n_query)
+        _check_seed_and_length(seed, n_episodes)
+        self.dataset = dataset
+        self.plan = _TaskPlan(dataset, k_shot + n_query, min_class_samples)
+        self.n_way = self.plan.resolve_way(n_way, strict=True)
+        self.k_shot, self.n_query = int(k_shot), int(n_query)
+        self.min_class_samples = min_class_samples
+        self.n_episodes, self.seed, self.epoch = int(n_episodes), int(seed), 0
+        self._key = (stable_hash(self.plan.task.task_id), stable_hash(self.plan.split))
+        self._spec = _BlockCache(self._block)
+
+    def _block(self, block: int) -> list[EpisodeSpec]:
+        rng = np.random.default_rng([self.seed, *self._key, block])
+        first = block * BLOCK
+        return _specs(self.plan, rng, self.seed, range(first, first + BLOCK), self.n_way, self.k_shot, self.n_query)
+
+    def _datasets(self) -> list[EpisodeSource]:
+        return [self.dataset]
+
+    def episode_set(self) -> EpisodeSet:
+        """This epoch's episodes as a fixed set, ready for ``save_episode_set``."""
+        return EpisodeSet(
+            task_id=self.plan.task.task_id, size=self.plan.task.size, split=self.plan.split,
+            n_samples=len(self.dataset), labels_crc32=_labels_crc(self.dataset.labels), seed=self.seed,
+            sampler={"n_way": self.n_way, "k_shot": self.k_shot, "n_query": self.n_query,
+                     "min_class_samples": self.min_class_samples},
+            specs=tuple(self))
+
+
+class MultiTaskEpisodeSampler(_EpisodicSampler):
+    """Meta-Dataset-style episodes over several tasks: pick a task, then an episode from it.
+
+    ``weights``: ``"proportional"`` (to dataset size), ``"uniform"``, or one weight per task.
+    Fixed mode: ``n_way`` (int, or None/"all" for every eligible class) applies to multi-class
+    and ordinal tasks; binary episodes are 2-way and multi-label ones use every label.
+    ``variable=True``: per episode N is uniform in 2..n_way (None: all eligible classes) and
+    K uniform in 1..k_shot, e.g. ``k_shot=10`` for MedIMeta's MAML training episodes.
+    Episode i is a pure function of (the tasks, seed, i).
+    """
+
+    def __init__(self, datasets: Sequence[EpisodeSource], n_way: NWay = None, k_shot: int = 5,
+                 n_query: int = 10, n_episodes: int = 1000, seed: int = 0,
+                 weights: Literal["proportional", "uniform"] | Sequence[float] = "proportional",
+                 variable: bool = False, min_class_samples: int | None = None) -> None:
+        _check_counts(k_shot, n_query)
+        _check_seed_and_length(seed, n_episodes)
+        if not datasets:
+            raise ValueError("MultiTaskEpisodeSampler needs at least one dataset")
+        self.datasets = list(datasets)
+        keys = [(d.task.task_id, d.split) for d in self.datasets]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"each (task, split) may appear once; got {keys}")
+        self.plans = [_TaskPlan(d, k_shot + n_query, min_class_samples) for d in self.datasets]
+        self.ways = np.array([p.resolve_way(n_way, strict=False) for p in self.plans], dtype=np.int64)
+        self.p = _task_probabilities(weights, self.datasets)
+        self.k_shot, self.n_query, self.variable = int(k_shot), int(n_query), bool(variable)
+        self.n_episodes, self.seed, self.epoch = int(n_episodes), int(seed), 0
+        self._spec = _BlockCache(self._block)
+
+    def _block(self, block: int) -> list[EpisodeSpec]:
+        rng = np.random.default_rng([self.seed, _MULTI_TASK_TAG, block])
+        task = rng.choice(len(self.plans), size=BLOCK, p=self.p)
+        if self.variable:
+            way = 2 + (rng.random(BLOCK) * (self.ways[task] - 1)).astype(np.int64)
+            single = np.array([not p.multilabel for p in self.plans])[task]
+            way = np.where(single, way, self.ways[task])
+            shot = rng.integers(1, self.k_shot + 1, size=BLOCK)
+        else:
+            way = self.ways[task]
+            shot = np.full(BLOCK, self.k_shot)
+        groups, inverse = np.unique(np.stack([task, way, shot], axis=1), axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        out: list[EpisodeSpec | None] = [None] * BLOCK
+        first = block * BLOCK
+        for g, (t, n, k) in enumerate(groups.tolist()):
+            members = np.flatnonzero(inverse == g)
+            specs = _specs(self.plans[t], rng, self.seed, (first + members).tolist(), n, k, self.n_query)
+            for m, s in zip(members.tolist(), specs):
+                out[m] = s
+        return out  # type: ignore[return-value]
+
+    def _datasets(self) -> list[EpisodeSource]:
+        return self.datasets
+
+
+def _check_seed_and_length(seed: int, n_episodes: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
+        raise ValueError(f"n_episodes must be an integer >= 1, got {n_episodes!r}")
+
+
+def _task_probabilities(weights: str | Sequence[float], datasets: Sequence[EpisodeSource]) -> np.ndarray:
+    if isinstance(weights, str):
+        if weights == "uniform":
+            w = np.ones(len(datasets))
+        elif weights == "proportional":
+            w = np.array([len(d) for d in datasets], dtype=np.float64)
+        else:
+            raise ValueError(f"weights must be 'proportional', 'uniform' or a list of numbers, got {weights!r}")
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(datasets),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be {len(datasets)} non-negative numbers with a positive sum, "
+                             f"got {weights!r}")
+    return w / w.sum()
+
+
+def iter_episodes(dataset: EpisodeSource, n_way: NWay = None, k_shot: int = 5, n_query: int = 10,
+                  n_episodes: int = 100, seed: int = 0, min_class_samples: int | None = None,
+                  device: Device = None) -> Iterator[Episode]:
+    """Shortcut for ``EpisodeSampler(...).episodes(device)``."""
+    return EpisodeSampler(dataset, n_way, k_shot, n_query, n_episodes, seed, min_class_samples).episodes(device)
+
+
+# ---- reading images for episodes -------------------------------------------------------------
+
+
+def _lookup(datasets: EpisodeSource | Sequence[EpisodeSource]) -> dict[tuple[str, str], EpisodeSource]:
+    if not isinstance(datasets, (list, tuple)):
+        datasets = [datasets]
+    return {(d.task.task_id, d.split): d for d in datasets}
+
+
+def _find(table: dict[tuple[str, str], EpisodeSource], spec: EpisodeSpec) -> EpisodeSource:
+    try:
+        return table[spec.task_id, spec.split]
+    except KeyError:
+        raise ValueError(f"episode {spec.index} is from {spec.task_id}/{spec.split}, but the datasets given are "
+                         f"{sorted('/'.join(k) for k in table)}") from None
+
+
+def _images(dataset: EpisodeSource, indices: np.ndarray) -> torch.Tensor:
+    get_batch = getattr(dataset, "get_batch", None)
+    if get_batch is not None:
+        return get_batch(indices)[0]
+    return torch.stack([dataset[int(i)][0] for i in indices])
+
+
+def _targets(task: TaskDescription, labels: np.ndarray, specs: Sequence[EpisodeSpec], rows: np.ndarray
+             ) -> torch.Tensor:
+    """Episode targets for the concatenated support+query rows of ``specs``."""
+    if task.task_type == "multi-label":
+        return torch.from_numpy(labels[rows].astype(np.float32))
+    lut = np.full((len(specs), max(task.num_classes, 1)), -1, dtype=np.int64)
+    for e, s in enumerate(specs):
+        lut[e, list(s.classes)] = np.arange(len(s.classes))
+    which = np.repeat(np.arange(len(specs)), [len(s) for s in specs])
+    original = labels[rows]
+    y = lut[which, original]
+    if (y < 0).any():
+        bad = int(np.flatnonzero(y < 0)[0])
+        raise ValueError(f"sample {int(rows[bad])} of {task.task_id} has label {int(original[bad])}, which is not one "
+                         f"of its episode's classes: the dataset is not the one the episode was drawn from")
+    return torch.from_numpy(y)
+
+
+def _image_bytes(task: TaskDescription) -> int:
+    return 4 * task.channels * task.size ** task.dims
+
+
+def _gather(dataset: EpisodeSource, rows: np.ndarray, device: Device, non_blocking: bool) -> torch.Tensor:
+    """Images for ``rows`` (transform applied per image), read in pieces of about CHUNK_BYTES
+    copied into one output: temporaries stay small and in cache, and with a device the host
+    holds one piece at a time, so memory stays bounded for 224px episodes."""
+    step = max(1, CHUNK_BYTES // _image_bytes(dataset.task))
+    if len(rows) <= step:
+        x = _images(dataset, rows)
+        return x if device is None else x.to(device, non_blocking=non_blocking)
+    out: torch.Tensor | None = None
+    for a in range(0, len(rows), step):
+        piece = _images(dataset, rows[a:a + step])
+        if out is None:
+            out = torch.empty((len(rows), *piece.shape[1:]), dtype=piece.dtype,
+                              device=piece.device if device is None else device)
+        out[a:a + len(piece)].copy_(piece, non_blocking=non_blocking)
+    assert out is not None
+    return out
+
+
+def _episode_images(dataset: EpisodeSource, spec: EpisodeSpec, device: Device, non_blocking: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support and query images of one episode: views of one gather when small (one storage
+    to pass between processes), separate piecewise gathers when large (no huge temporary)."""
+    if len(spec) * _image_bytes(dataset.task) <= CHUNK_BYTES:
+        x = _gather(dataset, spec.indices, device, non_blocking)
+        ns = len(spec.support_indices)
+        return x[:ns], x[ns:]
+    return (_gather(dataset, spec.support_indices, device, non_blocking),
+            _gather(dataset, spec.query_indices, device, non_blocking))
+
+
+def _check_rows(dataset: EpisodeSource, rows: np.ndarray) -> None:
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(dataset)):
+        raise ValueError(f"episode indices out of range for {dataset.task.task_id}/{dataset.split} "
+                         f"({len(dataset)} samples): the dataset is not the one the episode was drawn from")
+
+
+def _assemble(dataset: EpisodeSource, specs: Sequence[EpisodeSpec], device: Device,
+              non_blocking: bool) -> list[Episode]:
+    """Episodes for consecutive specs of one dataset: several small episodes share one gather
+    and one transfer (then views); a lone one is read by ``_episode_images``."""
+    rows = np.concatenate([a for s in specs for a in (s.support_indices, s.query_indices)])
+    _check_rows(dataset, rows)
+    y = _targets(dataset.task, np.asarray(dataset.labels), specs, rows)
+    if device is not None:
+        y = y.to(device, non_blocking=non_blocking)
+    sizes = [n for s in specs for n in (len(s.support_indices), len(s.query_indices))]
+    ys = torch.split(y, sizes)
+    if len(specs) == 1:
+        xs = _episode_images(dataset, specs[0], device, non_blocking)
+    else:
+        xs = torch.split(_gather(dataset, rows, device, non_blocking), sizes)
+    return [Episode(xs[2 * e], ys[2 * e], xs[2 * e + 1], ys[2 * e + 1], dataset.task, s.split, s.classes,
+                    s.support_indices, s.query_indices, s.seed, s.index) for e, s in enumerate(specs)]
+
+
+def materialise(datasets: EpisodeSource | Sequence[EpisodeSource], specs: Iterable[EpisodeSpec],
+                device: Device = None, non_blocking: bool = False) -> Iterator[Episode]:
+    """Build Episodes from specs, gathering consecutive episodes of one task together
+    (up to ``CHUNK_BYTES`` of images) and applying each dataset's transform per image."""
+    table = _lookup(datasets)
+    chunk: list[EpisodeSpec] = []
+    used = 0
+    for spec in specs:
+        size = len(spec) * _image_bytes(_find(table, spec).task)
+        if chunk and ((spec.task_id, spec.split) != (chunk[0].task_id, chunk[0].split)
+                      or used + size > CHUNK_BYTES):
+            yield from _assemble(_find(table, chunk[0]), chunk, device, non_blocking)
+            chunk, used = [], 0
+        chunk.append(spec)
+        used += size
+    if chunk:
+        yield from _assemble(_find(table, chunk[0]), chunk, device, non_blocking)
+
+
+class EpisodeItems(NamedTuple):
+    """What ``EpisodeDataset`` returns for a spec: its images and the raw labels of its samples."""
+
+    spec: EpisodeSpec
+    task: TaskDescription
+    support_x: torch.Tensor
+    query_x: torch.Tensor
+    labels: np.ndarray
+
+
+class EpisodeDataset(Dataset):
+    """A map-style dataset keyed by EpisodeSpec, for ``DataLoader(batch_sampler=sampler)``.
+
+    Fetching (gather, transform per image) runs in the DataLoader workers; ``collate_episode``
+    then builds the Episode. The spec travels with the batch, so episodes are identical with
+    any number of workers.
+    """
+
+    def __init__(self, datasets: EpisodeSource | Sequence[EpisodeSource]) -> None:
+        self.table = _lookup(datasets)
+
+    def __getitems__(self, spec: EpisodeSpec) -> EpisodeItems:
+        if not isinstance(spec, EpisodeSpec):
+            raise TypeError(f"EpisodeDataset is indexed by EpisodeSpec (use an episode sampler as batch_sampler), "
+                            f"got {type(spec).__name__}")
+        dataset = _find(self.table, spec)
+        rows = spec.indices
+        _check_rows(dataset, rows)
+        return EpisodeItems(spec, dataset.task, *_episode_images(dataset, spec, None, False),
+                            np.asarray(dataset.labels)[rows])
+
+    __getitem__ = __getitems__
+
+
+def collate_episode(items: EpisodeItems) -> Episode:
+    """DataLoader collate function: EpisodeItems -> Episode (labels remapped)."""
+    spec, task, support_x, query_x, labels = items
+    y = _targets(task, labels, [spec], np.arange(len(labels)))
+    ns = len(spec.support_indices)
+    return Episode(support_x, y[:ns], query_x, y[ns:], task, spec.split, spec.classes, spec.support_indices,
+                   spec.query_indices, spec.seed, spec.index)
+
+
+# ---- fixed evaluation sets -------------------------------------------------------------------
+
+
+def _labels_crc(labels: np.ndarray) -> int:
+    return zlib.crc32(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+
+
+@dataclass(frozen=True, eq=False)
+class EpisodeSet:
+    """A fixed list of episodes of one task and split, e.g. the 100 evaluation episodes.
+
+    Stores indices, not images: bind it to a dataset with ``episodes(dataset)`` or
+    ``loader(dataset)``, which first check the dataset is the one the set was drawn from.
+    """
+
+    task_id: str
+    size: int
+    split: str
+    n_samples: int
+    labels_crc32: int
+    seed: int
+    sampler: dict
+    specs: tuple[EpisodeSpec, ...]
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __iter__(self) -> Iterator[EpisodeSpec]:
+        return iter(self.specs)
+
+    def __getitem__(self, i: int) -> EpisodeSpec:
+        return self.specs[i]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EpisodeSet):
+            return NotImplemented
+        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
+
+    def check(self, dataset: EpisodeSource) -> None:
+        """Raise ValueError unless ``dataset`` is the task, size, split and data of this set."""
+        got = {"task": dataset.task.task_id, "size": dataset.task.size, "split": dataset.split,
+               "number of samples": len(dataset)}
+        want = {"task": self.task_id, "size": self.size, "split": self.split, "number of samples": self.n_samples}
+        wrong = [f"{k} {got[k]!r} (the set has {want[k]!r})" for k in want if got[k] != want[k]]
+        if not wrong and _labels_crc(dataset.labels) != self.labels_crc32:
+            wrong = ["labels differing from those the set was drawn from"]
+        if wrong:
+            raise ValueError(f"episode set {self.task_id}/{self.split} at {self.size}px does not match the dataset: "
+                             f"it has {', '.join(wrong)}")
+
+    def episodes(self, dataset: EpisodeSource, device: Device = None, non_blocking: bool = False
+                 ) -> Iterator[Episode]:
+        self.check(dataset)
+        return materialise(dataset, self.specs, device=device, non_blocking=non_blocking)
+
+    def loader(self, dataset: EpisodeSource, **dataloader_kwargs: Any) -> DataLoader:
+        self.check(dataset)
+        return DataLoader(EpisodeDataset(dataset), batch_sampler=list(self.specs), collate_fn=collate_episode,
+                          **dataloader_kwargs)
+
+
+def save_episode_set(path: str | Path, episodes: EpisodeSet | EpisodeSampler) -> Path:
+    """Write a fixed episode set as JSON (temporary file, then rename)."""
+    if isinstance(episodes, EpisodeSampler):
+        episodes = episodes.episode_set()
+    path = Path(path)
+    doc = {
+        "format": EPISODE_SET_FORMAT, "version": EPISODE_SET_VERSION, "medmeta_version": __version__,
+        "task_id": episodes.task_id, "size": episodes.size, "split": episodes.split,
+        "n_samples": episodes.n_samples, "labels_crc32": episodes.labels_crc32, "seed": episodes.seed,
+        "sampler": episodes.sampler,
+        "episodes": [{"index": s.index, "classes": list(s.classes), "support": s.support_indices.tolist(),
+                      "query": s.query_indices.tolist()} for s in episodes.specs],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_episode_set(path: str | Path) -> EpisodeSet:
+    """Read a set written by ``save_episode_set``."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("format") != EPISODE_SET_FORMAT:
+            raise ValueError("not a medmeta episode set")
+        if doc.get("version") != EPISODE_SET_VERSION:
+            raise ValueError(f"format version {doc.get('version')!r}, this medmeta reads {EPISODE_SET_VERSION}")
+        task_id, split, seed = str(doc["task_id"]), str(doc["split"]), int(doc["seed"])
+        specs = tuple(
+            EpisodeSpec(task_id, split, seed, int(e["index"]), tuple(int(c) for c in e["classes"]),
+                        _frozen(np.asarray(e["support"], dtype=np.int64)),
+                        _frozen(np.asarray(e["query"], dtype=np.int64)))
+            for e in doc["episodes"])
+        return EpisodeSet(task_id, int(doc["size"]), split, int(doc["n_samples"]), int(doc["labels_crc32"]),
+                          seed, dict(doc["sampler"]), specs)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: cannot read episode set ({exc})") from None
