@@ -1,0 +1,100 @@
+"""End-to-end protocol runs on the real MedMNIST files with tiny budgets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medmeta.config import load_config, set_key
+from medmeta.protocol import make_backbone, run_protocol, source_datasets
+from medmeta.store import Store
+from medmeta.training import MultiTaskPretrainer, PretrainConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+def tiny_config(**overrides) -> dict:
+    sets = ["episodes.count=3", "adaptation.steps=2", "pretrain.steps=6", "pretrain.eval_every=3",
+            "pretrain.batch_size=16", "pretrain.val_max=64", "pretrain.checkpoint_every=3", "device=cpu"]
+    cfg = load_config("default", CONFIGS, sets=sets)
+    for key, value in overrides.items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def test_results_schema_cache_and_episode_set(tmp_path: Path, real_store: Store, real_dir: Path, capsys) -> None:
+    cfg = tiny_config(target="breast", sources=["retina"])
+    out = tmp_path / "run"
+    results = run_protocol(cfg, out, root=str(real_store.root), source_dir=str(real_dir))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["target"] == "breastmnist" and saved["sources"] == ["retinamnist"]
+    assert saved["config"]["episodes"]["count"] == 3 and saved["seed"] == 0
+    assert set(saved["versions"]) >= {"torch", "numpy", "medmeta", "python"}
+    for method in ("scratch", "mmpt"):
+        m = saved["methods"][method]
+        assert set(m["summary"]) == {"auroc", "auroc_ci95", "acc", "acc_ci95", "episodes"}
+        assert [e["episode"] for e in m["per_episode"]] == [0, 1, 2]
+        assert all(0.0 <= e["auroc"] <= 1.0 and 0.0 <= e["acc"] <= 1.0 for e in m["per_episode"])
+        assert m["summary"]["auroc"] == pytest.approx(np.mean([e["auroc"] for e in m["per_episode"]]))
+        assert m["seconds"]["total"] > 0
+    assert (out / "results.csv").read_text().count("\n") == 1 + 6
+    assert (out / "results.png").stat().st_size > 1000 and any((out / "tensorboard").iterdir())
+    assert "scratch" in capsys.readouterr().out
+
+    # A second run reuses the stored episodes and finished methods: identical numbers.
+    again = run_protocol(cfg, out, root=str(real_store.root), source_dir=str(real_dir))
+    assert again["methods"] == results["methods"]
+    # Asking for a different episode set in the same folder is refused, naming the file.
+    with pytest.raises(ValueError, match="episodes_breastmnist_28px_5shot.json holds 3 episodes"):
+        run_protocol(tiny_config(target="breast", sources=["retina"], **{"episodes.count": 5}), out,
+                     root=str(real_store.root), source_dir=str(real_dir))
+    # An episode set of another target is refused.
+    other = tiny_config(target="retina", methods=["scratch"], **{"episodes.file": str(out / "episodes_breastmnist_28px_5shot.json")})
+    with pytest.raises(ValueError, match="does not match the dataset"):
+        run_protocol(other, tmp_path / "other", root=str(real_store.root), source_dir=str(real_dir))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"target": "kidney"}, "unknown subset 'kidney'"),
+    ({"target": "organa", "sources": ["organc"]}, "not allowed for target organamnist"),
+    ({"target": "adrenal3d", "sources": "available"}, "target adrenalmnist3d has no allowed source subsets"),
+    ({"target": "adrenal3d", "methods": ["imagenet"]}, "method imagenet needs a 2D target"),
+    ({"methods": ["protonet"]}, "unknown methods"),
+])
+def test_bad_experiments_fail_clearly(tmp_path: Path, real_dir: Path, overrides: dict, message: str) -> None:
+    # With an empty source folder and store, no allowed source of adrenal3d is available.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    source_dir = str(empty) if overrides.get("sources") == "available" else str(real_dir)
+    with pytest.raises(ValueError, match=message):
+        run_protocol(tiny_config(**overrides), tmp_path / "out", root=str(tmp_path / "root"), source_dir=source_dir)
+
+
+def test_mmpt_resumes_exactly_after_interruption(tmp_path: Path, real_store: Store) -> None:
+    cfg = tiny_config()
+    train = source_datasets(real_store, ["breastmnist", "retinamnist"], 28, "train")
+    val = source_datasets(real_store, ["breastmnist", "retinamnist"], 28, "val")
+    config = PretrainConfig(steps=8, batch_size=8, eval_every=4, checkpoint_every=2, val_max=32, patience=10)
+
+    def trainer(ckpt: Path) -> MultiTaskPretrainer:
+        return MultiTaskPretrainer(make_backbone(cfg, 2), train, val, config, torch.device("cpu"), checkpoint=ckpt)
+
+    straight = trainer(tmp_path / "a.pt")
+    straight.run()
+
+    def crash(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    interrupted = trainer(tmp_path / "b.pt")
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(on_step=crash)
+    resumed = trainer(tmp_path / "b.pt")
+    assert resumed.step == 4
+    resumed.run()
+    assert resumed.history == straight.history
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
