@@ -1,0 +1,205 @@
+"""mm-MAML with ``torch.func``: a meta-learned backbone and a zero-initialised head per episode.
+
+Only the backbone is meta-learned. Each episode gets a linear head of zeros sized to its own
+``num_outputs``, which exists only inside the inner loop, so episodes of different way (and
+task type) can share a meta-batch. The inner loop takes SGD steps with gradients from
+``torch.func.grad`` on a functional loss (``functional_call``):
+
+* second order: the inner gradients stay on the outer autograd graph (create_graph semantics),
+  so ``loss.backward()`` differentiates through the whole inner loop;
+* first order: the inner gradients are computed on detached values and enter the adapted
+  parameters as constants, so the meta-gradient is the query gradient at the adapted
+  parameters (the Jacobian of the inner loop is taken as the identity).
+
+Meta-SGD (``meta_sgd=True``) learns one inner learning rate per backbone parameter element and
+one per head tensor (weight, bias: scalars, because head sizes vary between episodes).
+
+BatchNorm: with ``bn_train=True`` (default, as in MedIMeta) the backbone runs in train mode in
+the inner loop and on the query, so BN normalises with the statistics of the batch at hand
+(support, then query: transductive). MAML never changes the backbone's running statistics:
+the running-stat update of a train-mode forward goes to a throw-away copy of the buffers.
+With ``bn_train=False`` the backbone runs in eval mode and BN uses its existing running
+statistics (frozen; meaningful for a pretrained backbone only).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad
+
+from .adaptation import feature_dim, task_loss
+
+Params = dict[str, Tensor]
+HEAD_KEYS = ("head.weight", "head.bias")
+
+
+class MetaEpisode(NamedTuple):
+    """One episode for meta-training: task type, head width and the support/query tensors.
+
+    Labels follow ``adaptation.task_loss``: binary int64 {0,1} with ``num_outputs=1``;
+    multi-class/ordinal int64 class indices; multi-label float (N, L).
+    """
+
+    task_type: str
+    num_outputs: int
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+
+@contextmanager
+def _mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Put ``module`` in train or eval mode for a block, then restore its previous mode."""
+    modes = {m: m.training for m in module.modules()}
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, was in modes.items():
+            m.training = was
+
+
+def _logits(backbone: nn.Module, params: Params, buffers: Params, head: Params, x: Tensor) -> Tensor:
+    """Functional forward of backbone plus head; buffers are copied so BN cannot write to them."""
+    buffers = {k: v.clone() for k, v in buffers.items()} if backbone.training else buffers
+    feats = functional_call(backbone, (params, buffers), (x,))
+    return F.linear(feats, head["weight"], head["bias"])
+
+
+def zero_head(width: int, num_outputs: int, like: Tensor) -> Params:
+    """A zero linear head (weight (num_outputs, width), bias (num_outputs,)) on ``like``'s device/dtype."""
+    return {"weight": like.new_zeros(num_outputs, width), "bias": like.new_zeros(num_outputs)}
+
+
+def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type: str, num_outputs: int,
+                support_x: Tensor, support_y: Tensor, steps: int,
+                inner_lr: float | Mapping[str, Tensor], first_order: bool,
+                bn_train: bool = True) -> tuple[Params, Params]:
+    """SGD on the support loss from ``params`` and a zero head; returns (adapted params, head).
+
+    ``inner_lr`` is a float or, for Meta-SGD, a mapping from parameter name (and
+    ``head.weight``/``head.bias``) to a learning-rate tensor broadcastable to it.
+    Second order keeps the inner gradients on the autograd graph; first order detaches them.
+    """
+    width = feature_dim(backbone, support_x)
+    head = zero_head(width, num_outputs, next(iter(params.values())))
+
+    def support_loss(p: Params, h: Params) -> Tensor:
+        return task_loss(task_type, _logits(backbone, p, buffers, h, support_x), support_y)
+
+    grad_fn = grad(support_loss, argnums=(0, 1))
+
+    def lr_of(name: str) -> float | Tensor:
+        return inner_lr if isinstance(inner_lr, (int, float)) else inner_lr[name]
+
+    with _mode(backbone, bn_train):
+        for _ in range(steps):
+            if first_order:
+                gp, gh = grad_fn({k: v.detach() for k, v in params.items()},
+                                 {k: v.detach() for k, v in head.items()})
+            else:
+                gp, gh = grad_fn(params, head)
+            params = {k: v - lr_of(k) * gp[k] for k, v in params.items()}
+            head = {k: v - lr_of(f"head.{k}") * gh[k] for k, v in head.items()}
+    return params, head
+
+
+def maml_loss(backbone: nn.Module, episodes: Sequence[MetaEpisode], inner_steps: int = 4,
+              inner_lr: float | Mapping[str, Tensor] = 0.1, first_order: bool = False,
+              bn_train: bool = True) -> Tensor:
+    """Mean query loss after inner adaptation, differentiable w.r.t. the backbone's parameters.
+
+    Episodes are handled one after the other, so each may have its own way, shot and task type.
+    """
+    params = dict(backbone.named_parameters())
+    buffers = dict(backbone.named_buffers())
+    losses = []
+    for ep in episodes:
+        adapted, head = inner_adapt(backbone, params, buffers, ep.task_type, ep.num_outputs,
+                                    ep.support_x, ep.support_y, inner_steps, inner_lr, first_order, bn_train)
+        with _mode(backbone, bn_train):
+            logits = _logits(backbone, adapted, buffers, head, ep.query_x)
+        losses.append(task_loss(ep.task_type, logits, ep.query_y))
+    return torch.stack(losses).mean()
+
+
+class MAML:
+    """Meta-trainer: backbone, outer Adam, inner-loop settings and optional Meta-SGD rates.
+
+    ``meta_step`` back-propagates episode by episode (the graph of one episode is freed before
+    the next is built), which gives the gradient of the mean query loss with the peak memory of
+    a single episode.
+    """
+
+    def __init__(self, backbone: nn.Module, inner_steps: int = 4, inner_lr: float = 0.1,
+                 first_order: bool = False, meta_sgd: bool = False, outer_lr: float = 1e-3,
+                 bn_train: bool = True, test_steps: int = 32) -> None:
+        self.backbone = backbone
+        self.inner_steps, self.inner_lr, self.first_order = inner_steps, inner_lr, first_order
+        self.bn_train, self.test_steps = bn_train, test_steps
+        self.inner_lrs: dict[str, nn.Parameter] = {}
+        if meta_sgd:
+            for name, p in backbone.named_parameters():
+                self.inner_lrs[name] = nn.Parameter(torch.full_like(p, inner_lr))
+            for name in HEAD_KEYS:
+                self.inner_lrs[name] = nn.Parameter(p.new_tensor(inner_lr))
+        self.optimizer = torch.optim.Adam(list(backbone.parameters()) + list(self.inner_lrs.values()),
+                                          lr=outer_lr)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def _lr(self) -> float | Mapping[str, Tensor]:
+        return self.inner_lrs or self.inner_lr
+
+    def _to_device(self, ep: MetaEpisode) -> MetaEpisode:
+        return MetaEpisode(ep.task_type, ep.num_outputs, *(t.to(self.device) for t in ep[2:]))
+
+    def meta_step(self, episodes: Sequence[MetaEpisode]) -> float:
+        """One outer Adam step on the mean query loss of ``episodes``; returns that loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for ep in episodes:
+            loss = maml_loss(self.backbone, [self._to_device(ep)], self.inner_steps, self._lr(),
+                             self.first_order, self.bn_train) / len(episodes)
+            loss.backward()
+            total += loss.item()
+        self.optimizer.step()
+        return total
+
+    def adapt_and_predict(self, task_type: str, num_outputs: int, support_x: Tensor, support_y: Tensor,
+                          query_x: Tensor, steps: int | None = None) -> Tensor:
+        """Test time: ``steps`` (default ``test_steps``) inner SGD steps from a zero head; query logits."""
+        support_x, support_y, query_x = (t.to(self.device) for t in (support_x, support_y, query_x))
+        params = {k: v.detach() for k, v in self.backbone.named_parameters()}
+        buffers = dict(self.backbone.named_buffers())
+        lr = {k: v.detach() for k, v in self.inner_lrs.items()} or self.inner_lr
+        with torch.no_grad():
+            adapted, head = inner_adapt(self.backbone, params, buffers, task_type, num_outputs, support_x,
+                                        support_y, self.test_steps if steps is None else steps, lr,
+                                        first_order=True, bn_train=self.bn_train)
+            with _mode(self.backbone, self.bn_train):
+                return _logits(self.backbone, adapted, buffers, head, query_x)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Backbone, Meta-SGD rates and outer optimizer state: enough for an exact resume."""
+        return {"backbone": self.backbone.state_dict(),
+                "inner_lrs": {k: v.detach().clone() for k, v in self.inner_lrs.items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict`` saved (the MAML must be built with the same settings)."""
+        self.backbone.load_state_dict(state["backbone"])
+        if set(state["inner_lrs"]) != set(self.inner_lrs):
+            raise ValueError("Meta-SGD rates in the state do not match this MAML (meta_sgd setting?)")
+        with torch.no_grad():
+            for k, v in state["inner_lrs"].items():
+                self.inner_lrs[k].copy_(v)
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,286 @@
+"""MAML: meta-gradients against plain-autograd references, training, resume, BN buffers."""
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medmeta.adaptation import task_loss
+from medmeta.maml import MAML, MetaEpisode, inner_adapt, maml_loss
+
+
+class SmallNet(nn.Module):
+    """conv -> [BN] -> ReLU -> global mean pool -> linear; features (B, 6)."""
+
+    out_features = 6
+
+    def __init__(self, bn: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=not bn)
+        self.bn = nn.BatchNorm2d(4) if bn else None
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv(x)
+        if self.bn is not None:
+            h = self.bn(h)
+        return self.fc(F.relu(h).mean((2, 3)))
+
+
+def ref_features(p: dict[str, Tensor], x: Tensor) -> Tensor:
+    """SmallNet's forward written by hand (BN with batch statistics), for the references."""
+    h = F.conv2d(x, p["conv.weight"], p.get("conv.bias"), padding=1)
+    if "bn.weight" in p:
+        h = F.batch_norm(h, None, None, p["bn.weight"], p["bn.bias"], training=True)
+    return F.linear(F.relu(h).mean((2, 3)), p["fc.weight"], p["fc.bias"])
+
+
+def ref_inner(p: dict[str, Tensor], ep: MetaEpisode, steps: int, lr: dict[str, Tensor] | float,
+              create_graph: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Unrolled inner SGD with torch.autograd.grad from a zero head."""
+    fast = dict(p)
+    head = {"weight": torch.zeros(ep.num_outputs, 6, dtype=torch.float64, requires_grad=True),
+            "bias": torch.zeros(ep.num_outputs, dtype=torch.float64, requires_grad=True)}
+    lr_of = (lambda k: lr) if isinstance(lr, float) else (lambda k: lr[k])
+    for _ in range(steps):
+        feats = ref_features(fast, ep.support_x)
+        loss = task_loss(ep.task_type, F.linear(feats, head["weight"], head["bias"]), ep.support_y)
+        keys = list(fast) + [f"head.{k}" for k in head]
+        grads = dict(zip(keys, torch.autograd.grad(loss, list(fast.values()) + list(head.values()),
+                                                   create_graph=create_graph)))
+        fast = {k: v - lr_of(k) * grads[k] for k, v in fast.items()}
+        head = {k: v - lr_of(f"head.{k}") * grads[f"head.{k}"] for k, v in head.items()}
+    return fast, head
+
+
+def ref_query_loss(fast: dict[str, Tensor], head: dict[str, Tensor], ep: MetaEpisode) -> Tensor:
+    logits = F.linear(ref_features(fast, ep.query_x), head["weight"], head["bias"])
+    return task_loss(ep.task_type, logits, ep.query_y)
+
+
+def make_episode(task_type: str, n: int, shots: int, gen: torch.Generator,
+                 dtype: torch.dtype = torch.float64, size: int = 4) -> MetaEpisode:
+    """Random episode: n classes (labels for multi-label), ``shots`` support and 3 queries per class."""
+    def labels(count: int) -> Tensor:
+        if task_type == "multi-label":
+            return torch.randint(0, 2, (count, n), generator=gen).float()
+        classes = 2 if task_type == "binary" else n
+        return torch.arange(classes).repeat_interleave(count // classes)
+
+    ns, nq = shots * n, 3 * n
+    # Small, high-variance images so pooled features differ and meta-gradients are not ~0.
+    return MetaEpisode(task_type, 1 if task_type == "binary" else n,
+                       2 * torch.randn(ns, 1, size, size, generator=gen, dtype=dtype), labels(ns),
+                       2 * torch.randn(nq, 1, size, size, generator=gen, dtype=dtype), labels(nq))
+
+
+def episodes_pair(seed: int = 0) -> list[MetaEpisode]:
+    gen = torch.Generator().manual_seed(seed)
+    return [make_episode("multi-class", 3, 2, gen), make_episode("multi-class", 5, 1, gen)]
+
+
+def mixed_episodes(seed: int = 0) -> list[MetaEpisode]:
+    gen = torch.Generator().manual_seed(seed)
+    return [make_episode("binary", 2, 3, gen), make_episode("multi-label", 3, 2, gen),
+            make_episode("ordinal", 4, 2, gen)]
+
+
+def grads_of(net: nn.Module) -> dict[str, Tensor]:
+    return {k: v.grad.clone() for k, v in net.named_parameters()}
+
+
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("make", [episodes_pair, mixed_episodes])
+def test_second_order_meta_gradient_matches_unrolled_autograd(bn: bool, make) -> None:
+    torch.manual_seed(0)
+    net = SmallNet(bn).double()
+    eps = make()
+    loss = maml_loss(net, eps, inner_steps=3, inner_lr=1.0, first_order=False)
+    loss.backward()
+    ours = grads_of(net)
+
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
+    ref = torch.stack([ref_query_loss(*ref_inner(params, ep, 3, 1.0, create_graph=True), ep)
+                       for ep in eps]).mean()
+    ref_grads = dict(zip(params, torch.autograd.grad(ref, list(params.values()))))
+    assert torch.allclose(loss, ref, atol=1e-12)
+    assert_close(ours, ref_grads)
+
+
+def assert_close(ours: dict[str, Tensor], ref: dict[str, Tensor]) -> None:
+    """Within 1e-5 absolute, and (float64) within 1e-6 relative, on gradients that are not all ~0."""
+    assert max(v.abs().max() for v in ref.values()) > 1e-3
+    for k, expected in ref.items():
+        assert torch.allclose(ours[k], expected, atol=1e-5, rtol=0), k
+        assert torch.allclose(ours[k], expected, atol=1e-12, rtol=1e-6), k
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_first_order_meta_gradient_is_query_gradient_at_adapted_params(bn: bool) -> None:
+    torch.manual_seed(1)
+    net = SmallNet(bn).double()
+    eps = episodes_pair(1)
+    maml_loss(net, eps, inner_steps=3, inner_lr=1.0, first_order=True).backward()
+    ours = grads_of(net)
+
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for ep in eps:
+        fast, head = ref_inner(params, ep, 3, 1.0, create_graph=False)
+        leaves = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+        g = torch.autograd.grad(ref_query_loss(leaves, {k: v.detach() for k, v in head.items()}, ep),
+                                list(leaves.values()))
+        for k, gi in zip(leaves, g):
+            total[k] += gi / len(eps)
+    assert_close(ours, total)
+
+
+def test_meta_sgd_gradients_match_unrolled_autograd() -> None:
+    torch.manual_seed(2)
+    net = SmallNet(bn=True).double()
+    maml = MAML(net, inner_steps=2, inner_lr=1.0, meta_sgd=True)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # make the per-element rates differ
+        for v in maml.inner_lrs.values():
+            v.mul_(torch.rand(v.shape, generator=gen, dtype=v.dtype) + 0.5)
+    eps = episodes_pair(2)
+    maml_loss(net, eps, 2, maml.inner_lrs).backward()
+
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
+    lrs = {k: v.detach().clone().requires_grad_(True) for k, v in maml.inner_lrs.items()}
+    ref = torch.stack([ref_query_loss(*ref_inner(params, ep, 2, lrs, create_graph=True), ep) for ep in eps]).mean()
+    leaves = list(params.values()) + list(lrs.values())
+    ref_grads = dict(zip(list(params) + [f"lr:{k}" for k in lrs], torch.autograd.grad(ref, leaves)))
+    ours = grads_of(net) | {f"lr:{k}": v.grad for k, v in maml.inner_lrs.items()}
+    assert_close(ours, ref_grads)
+
+
+def test_inner_adapt_zero_head_and_first_order_detaches() -> None:
+    net = SmallNet(bn=True).double()
+    ep = episodes_pair()[0]
+    params = dict(net.named_parameters())
+    buffers = dict(net.named_buffers())
+    _, head = inner_adapt(net, params, buffers, ep.task_type, ep.num_outputs, ep.support_x, ep.support_y,
+                          steps=0, inner_lr=0.1, first_order=False)
+    assert head["weight"].shape == (3, 6) and not head["weight"].any() and not head["bias"].any()
+    fo, _ = inner_adapt(net, params, buffers, ep.task_type, ep.num_outputs, ep.support_x, ep.support_y,
+                        steps=2, inner_lr=0.1, first_order=True)
+    so, _ = inner_adapt(net, params, buffers, ep.task_type, ep.num_outputs, ep.support_x, ep.support_y,
+                        steps=2, inner_lr=0.1, first_order=False)
+    for k in params:  # same values; only the graph differs
+        assert torch.allclose(fo[k], so[k], atol=1e-12)
+    # First order: d(adapted)/d(params) is the identity.
+    k = "conv.weight"
+    (g,) = torch.autograd.grad(fo[k].sum(), params[k])
+    assert torch.equal(g, torch.ones_like(g))
+
+
+def quadrant_episode(gen: torch.Generator, n: int = 3, shots: int = 2, queries: int = 4) -> MetaEpisode:
+    """Toy task: class c lights quadrant perm[c]; the class-to-quadrant map changes per episode."""
+    perm = torch.randperm(4, generator=gen)[:n]
+
+    def draw(count: int) -> tuple[Tensor, Tensor]:
+        y = torch.arange(n).repeat_interleave(count)
+        x = 0.3 * torch.rand(len(y), 1, 8, 8, generator=gen)
+        for i, c in enumerate(y.tolist()):
+            q = int(perm[c])
+            x[i, 0, (q // 2) * 4:(q // 2) * 4 + 4, (q % 2) * 4:(q % 2) * 4 + 4] += 0.7
+        return x, y
+
+    sx, sy = draw(shots)
+    qx, qy = draw(queries)
+    return MetaEpisode("multi-class", n, sx, sy, qx, qy)
+
+
+class ToyNet(nn.Module):
+    out_features = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 16))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+def test_meta_training_lowers_query_loss() -> None:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    held_out = [quadrant_episode(gen) for _ in range(8)]
+    maml = MAML(ToyNet(), inner_steps=2, inner_lr=0.5, outer_lr=1e-2)
+    before = maml_loss(maml.backbone, held_out, 2, 0.5).item()
+    for _ in range(6):
+        maml.meta_step([quadrant_episode(gen) for _ in range(2)])
+    after = maml_loss(maml.backbone, held_out, 2, 0.5).item()
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.parametrize("meta_sgd", [False, True])
+def test_state_dict_resume_is_bit_identical(meta_sgd: bool) -> None:
+    gen = torch.Generator().manual_seed(3)
+    batches = [[quadrant_episode(gen) for _ in range(2)] for _ in range(3)]
+    torch.manual_seed(0)
+    a = MAML(ToyNet(), inner_steps=2, inner_lr=0.3, meta_sgd=meta_sgd)
+    a.meta_step(batches[0])
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    losses_a = [a.meta_step(b) for b in batches[1:]]
+
+    torch.manual_seed(123)  # a different initialisation, overwritten by the load
+    b = MAML(ToyNet(), inner_steps=2, inner_lr=0.3, meta_sgd=meta_sgd)
+    buf.seek(0)
+    b.load_state_dict(torch.load(buf))
+    losses_b = [b.meta_step(bt) for bt in batches[1:]]
+    assert losses_a == losses_b
+    for (k, va), vb in zip(a.backbone.state_dict().items(), b.backbone.state_dict().values()):
+        assert torch.equal(va, vb), k
+    for k in a.inner_lrs:
+        assert torch.equal(a.inner_lrs[k], b.inner_lrs[k]), k
+
+
+def test_meta_step_keeps_running_stats_and_mode() -> None:
+    net = ToyNet().eval()
+    stats = copy.deepcopy({k: v for k, v in net.state_dict().items() if "running" in k or "num_batches" in k})
+    maml = MAML(net, inner_steps=1)
+    maml.meta_step([quadrant_episode(torch.Generator().manual_seed(0))])
+    assert not net.training and not any(m.training for m in net.modules())
+    for k, v in stats.items():
+        assert torch.equal(net.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("bn_train", [True, False])
+def test_maml_adapt_and_predict(bn_train: bool) -> None:
+    torch.manual_seed(0)
+    net = ToyNet()
+    before = copy.deepcopy(net.state_dict())
+    maml = MAML(net, bn_train=bn_train, test_steps=8)
+    ep = quadrant_episode(torch.Generator().manual_seed(4))
+    logits = maml.adapt_and_predict(ep.task_type, ep.num_outputs, ep.support_x, ep.support_y, ep.query_x)
+    assert logits.shape == (len(ep.query_y), 3) and not logits.requires_grad
+    again = maml.adapt_and_predict(ep.task_type, ep.num_outputs, ep.support_x, ep.support_y, ep.query_x)
+    assert torch.equal(logits, again)
+    zero_steps = maml.adapt_and_predict(ep.task_type, ep.num_outputs, ep.support_x, ep.support_y, ep.query_x, steps=0)
+    assert not zero_steps.any()  # zero head
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resnet18_meta_step_runs() -> None:
+    models = pytest.importorskip("medmeta.models")
+    torch.manual_seed(0)
+    maml = MAML(models.build_backbone("resnet18", stem="cifar"), inner_steps=1)
+    gen = torch.Generator().manual_seed(0)
+    ep = MetaEpisode("binary", 1, torch.rand(2, 1, 28, 28, generator=gen), torch.tensor([0, 1]),
+                     torch.rand(2, 1, 28, 28, generator=gen), torch.tensor([0, 1]))
+    w0 = maml.backbone.conv1.weight.detach().clone()
+    assert math.isfinite(maml.meta_step([ep]))
+    assert not torch.equal(w0, maml.backbone.conv1.weight)
+    logits = maml.adapt_and_predict("binary", 1, ep.support_x, ep.support_y, ep.query_x, steps=2)
+    assert logits.shape == (2, 1)
