@@ -32,7 +32,7 @@ from .models import build_backbone
 from .results import format_table, package_versions, plot_results, summarise, write_results
 from .store import Store
 from .tasks import MedMNISTTask, find_task
-from .training import MultiTaskPretrainer, PretrainConfig, resolve_device
+from .training import MAMLConfig, MultiTaskPretrainer, PretrainConfig, resolve_device, train_maml
 
 METHODS = ("scratch", "imagenet", "mmpt", "maml")
 
@@ -102,11 +102,19 @@ def make_backbone(cfg: dict[str, Any], dims: int, weights: str | None = None) ->
 def evaluate_backbone(backbone: nn.Module, dataset: MedMNISTTask, episode_set: EpisodeSet, cfg: dict[str, Any],
                       device: torch.device, desc: str,
                       adapt: Callable[..., list[torch.Tensor]] | None = None) -> list[dict[str, float]]:
-    """Adapt to every episode (fresh head per episode, ``adaptation`` settings) and score its query set."""
+    """Adapt to every episode and score its query set.
+
+    ``adapt(task_type, [(support_x, support_y, query_x, num_outputs), ...], seeds)`` returns query
+    logits per episode; by default fine-tuning with a fresh head (``adaptation`` settings).
+    """
     a = cfg["adaptation"]
-    adapt = adapt or (lambda eps, seeds: adapt_episodes(
-        backbone, dataset.task.task_type, eps[0][3], [e[:3] for e in eps], steps=a["steps"], lr=a["lr"],
-        head_only=a["head_only"], seeds=seeds, batched=None if a["batched"] == "auto" else a["batched"]))
+
+    def fine_tune(task_type: str, episodes: list[tuple], seeds: list[int]) -> list[torch.Tensor]:
+        return adapt_episodes(backbone, task_type, episodes[0][3], [e[:3] for e in episodes], steps=a["steps"],
+                              lr=a["lr"], head_only=a["head_only"], seeds=seeds,
+                              batched=None if a["batched"] == "auto" else a["batched"])
+
+    adapt = adapt or fine_tune
     backbone.to(device)
     per_episode = []
     chunk = max(1, int(a["chunk"]))
@@ -116,7 +124,7 @@ def evaluate_backbone(backbone: nn.Module, dataset: MedMNISTTask, episode_set: E
             batch = [e for _, e in zip(range(chunk), episodes)]
             if not batch:
                 break
-            logits = adapt([(e.support_x, e.support_y, e.query_x, e.num_outputs) for e in batch],
+            logits = adapt(dataset.task.task_type, [(e.support_x, e.support_y, e.query_x, e.num_outputs) for e in batch],
                            [cfg["seed"] * 100003 + e.index for e in batch])
             for e, lg in zip(batch, logits):
                 scores = evaluate(dataset.task.task_type, e.query_y.cpu().numpy(), lg.float().cpu().numpy())
@@ -192,6 +200,12 @@ def _method_backbone(method: str, cfg: dict[str, Any], dims: int, store: Store, 
         backbone = trainer.run()
         torch.save(backbone.state_dict(), out / "mmpt" / "backbone.pt")
         return backbone, None
-    from .meta_training import train_maml
+    m = cfg["maml"]
+    config = MAMLConfig(**{k: m[k] for k in MAMLConfig.__dataclass_fields__ if k in m}, seed=cfg["seed"])
+    maml = train_maml(make_backbone(cfg, dims), train, config, device, checkpoint=out / "maml" / "checkpoint.pt",
+                      writer=writer)
 
-    return train_maml(make_backbone(cfg, dims), train, cfg, device, out / "maml", writer)
+    def adapt(task_type: str, episodes: list[tuple], seeds: list[int]) -> list[torch.Tensor]:
+        return [maml.adapt_and_predict(task_type, n_out, sx, sy, qx) for sx, sy, qx, n_out in episodes]
+
+    return maml.backbone, adapt
