@@ -104,7 +104,7 @@ def adapt_and_predict(backbone: nn.Module, task_type: str, num_outputs: int,
         with torch.no_grad():
             return head(query_feats)
     model = nn.Sequential(net, head).train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         task_loss(task_type, model(sx), sy).backward()

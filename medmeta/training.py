@@ -104,7 +104,7 @@ def train_supervised(model: nn.Module, train: MedMNISTTask, val: MedMNISTTask, c
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     steps_per_epoch = -(-len(train) // config.batch_size)
     sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, [int(m * config.epochs) * steps_per_epoch for m in config.milestones], gamma=0.1)
@@ -178,7 +178,7 @@ class MultiTaskPretrainer:
         self.task_ids = sorted(train)
         self.train, self.val, self.config, self.device = train, val, config, device
         self.model = MultiHeadModel(backbone, {t: train[t].task.num_outputs for t in self.task_ids}).to(device)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True)
         self.probs = task_probabilities([len(train[t]) for t in self.task_ids], config.sampling, config.temperature)
         self.loss_weights = (1.0 / len(self.task_ids)) / self.probs if config.reweight else np.ones(len(self.task_ids))
         self.rng = np.random.default_rng(config.seed)
