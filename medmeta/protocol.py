@@ -29,10 +29,11 @@ from .adaptation import adapt_episodes
 from .episodes import EpisodeSampler, EpisodeSet, load_episode_set, save_episode_set
 from .metrics import evaluate
 from .models import build_backbone
-from .results import format_table, package_versions, plot_results, summarise, write_results
+from .results import format_table, package_versions, plot_results, summarise, write_atomic, write_results
 from .store import Store
 from .tasks import MedMNISTTask, find_task
-from .training import MAMLConfig, MultiTaskPretrainer, PretrainConfig, resolve_device, train_maml
+from .training import (MAMLConfig, MultiTaskPretrainer, PretrainConfig, resolve_device, save_atomic,
+                       train_maml)
 
 METHODS = ("scratch", "imagenet", "mmpt", "maml")
 
@@ -160,7 +161,8 @@ def run_protocol(cfg: dict[str, Any], out: Path, root: str | None = None, source
     with SummaryWriter(out / "tensorboard") as writer:
         for method in cfg["methods"]:
             cache = out / f"method_{method}.json"
-            key = _config_key(cfg, "size", "seed", "model", "episodes", "adaptation", method) + ",".join(sources)
+            trained_by = {"mmpt": ["pretrain"], "maml": ["maml"]}.get(method, [])
+            key = _config_key(cfg, "size", "seed", "model", "episodes", "adaptation", *trained_by) + ",".join(sources)
             if cache.is_file() and json.loads(cache.read_text())["key"] == key:
                 results["methods"][method] = json.loads(cache.read_text())["result"]
                 continue
@@ -173,7 +175,7 @@ def run_protocol(cfg: dict[str, Any], out: Path, root: str | None = None, source
                 writer.add_scalar(f"adapt/{method}/auroc", e["auroc"], e["episode"])
             result = {"summary": summarise(per_episode), "per_episode": per_episode,
                       "seconds": {"train": trained - start, "adapt": done - trained, "total": done - start}}
-            cache.write_text(json.dumps({"key": key, "result": result}))
+            write_atomic(cache, json.dumps({"key": key, "result": result}))
             results["methods"][method] = result
             write_results(out, results)
     write_results(out, results)
@@ -198,7 +200,7 @@ def _method_backbone(method: str, cfg: dict[str, Any], dims: int, store: Store, 
         trainer = MultiTaskPretrainer(make_backbone(cfg, dims), train, val, config, device,
                                       checkpoint=out / "mmpt" / "checkpoint.pt", writer=writer)
         backbone = trainer.run()
-        torch.save(backbone.state_dict(), out / "mmpt" / "backbone.pt")
+        save_atomic(backbone.state_dict(), out / "mmpt" / "backbone.pt")
         return backbone, None
     m = cfg["maml"]
     config = MAMLConfig(**{k: m[k] for k in MAMLConfig.__dataclass_fields__ if k in m}, seed=cfg["seed"])

@@ -35,7 +35,8 @@ def summarise(per_episode: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {"auroc": auroc, "auroc_ci95": auroc_ci, "acc": acc, "acc_ci95": acc_ci, "episodes": len(per_episode)}
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary file, then rename it into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -44,7 +45,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def write_results(out: Path, results: Mapping[str, Any]) -> None:
     """``results.json`` (everything) and ``results.csv`` (one row per method and episode)."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
+    write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
     rows = [{"target": results["target"], "method": name, "episode": e["episode"], "auroc": e["auroc"], "acc": e["acc"]}
             for name, m in results["methods"].items() for e in m["per_episode"]]
     tmp = out / f".results.csv.{os.getpid()}.tmp"

@@ -74,7 +74,7 @@ class Store:
     """A folder of built subsets; build, list and verify them."""
 
     def __init__(self, root: str | Path | None = None, manifest: Manifest | None = None) -> None:
-        self.root = Path(root) if root is not None else default_root()
+        self.root = Path(root).expanduser() if root is not None else default_root()
         self.manifest = manifest or load_manifest()
         self.store_dir = self.root / "store"
         self.download_dir = self.root / "downloads"

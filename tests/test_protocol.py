@@ -11,7 +11,7 @@ import torch
 from medmeta.config import load_config, set_key
 from medmeta.protocol import make_backbone, run_protocol, source_datasets
 from medmeta.store import Store
-from medmeta.training import MultiTaskPretrainer, PretrainConfig
+from medmeta.training import MAMLConfig, MultiTaskPretrainer, PretrainConfig, train_maml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
@@ -98,3 +98,46 @@ def test_mmpt_resumes_exactly_after_interruption(tmp_path: Path, real_store: Sto
     assert resumed.history == straight.history
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_maml_resumes_exactly_after_interruption(tmp_path: Path, real_store: Store) -> None:
+    train = source_datasets(real_store, ["breastmnist", "retinamnist"], 28, "train")
+    config = MAMLConfig(steps=4, meta_batch=2, inner_steps=1, max_shot=2, n_query=2, checkpoint_every=1,
+                        first_order=True)
+    cfg = tiny_config()
+
+    straight = train_maml(make_backbone(cfg, 2), train, config, torch.device("cpu"), checkpoint=tmp_path / "a.pt")
+
+    def crash(step: int) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_maml(make_backbone(cfg, 2), train, config, torch.device("cpu"), checkpoint=tmp_path / "b.pt",
+                   on_step=crash)
+    assert torch.load(tmp_path / "b.pt", weights_only=False)["step"] == 2
+    resumed = train_maml(make_backbone(cfg, 2), train, config, torch.device("cpu"), checkpoint=tmp_path / "b.pt")
+    for (name, a), b in zip(straight.backbone.state_dict().items(), resumed.backbone.state_dict().values()):
+        assert torch.equal(a, b), name
+    before = {k: v.clone() for k, v in make_backbone(cfg, 2).state_dict().items()}
+    assert any(not torch.equal(before[k], v) for k, v in straight.backbone.state_dict().items())
+
+
+def test_imagenet_method_local_weights_and_offline_error(tmp_path: Path, real_store: Store, real_dir: Path,
+                                                         monkeypatch) -> None:
+    import torchvision
+    from urllib.error import URLError
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cfg = tiny_config(target="breast", methods=["imagenet"], **{"model.weights": str(weights)})
+    results = run_protocol(cfg, tmp_path / "local", root=str(real_store.root), source_dir=str(real_dir))
+    assert results["methods"]["imagenet"]["summary"]["episodes"] == 3
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(RuntimeError, match="could not be downloaded.*local weights file"):
+        run_protocol(tiny_config(target="breast", methods=["imagenet"]), tmp_path / "offline",
+                     root=str(real_store.root), source_dir=str(real_dir))
