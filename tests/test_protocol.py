@@ -141,3 +141,13 @@ def test_imagenet_method_local_weights_and_offline_error(tmp_path: Path, real_st
     with pytest.raises(RuntimeError, match="could not be downloaded.*local weights file"):
         run_protocol(tiny_config(target="breast", methods=["imagenet"]), tmp_path / "offline",
                      root=str(real_store.root), source_dir=str(real_dir))
+
+
+def test_3d_target_pretrains_on_3d_sources(tmp_path: Path, real_store: Store, real_dir: Path) -> None:
+    cfg = tiny_config(target="adrenal3d", sources="available",
+                      **{"pretrain.batch_size": 8, "pretrain.steps": 2, "pretrain.eval_every": 2})
+    results = run_protocol(cfg, tmp_path / "run", root=str(real_store.root), source_dir=str(real_dir))
+    assert results["sources"] == ["vesselmnist3d"]  # organ3d is excluded (abdominal CT) and 2D files never mix
+    assert results["episode_set"]["sampler"]["n_way"] == 2
+    for method in ("scratch", "mmpt"):
+        assert results["methods"][method]["summary"]["episodes"] == 3
