@@ -27,23 +27,14 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from memory import reset_peak, status_mib
+
 from medmeta.episodes import EpisodeSampler
 from medmeta.manifest import parse_manifest
 from medmeta.store import Store, default_root
 from medmeta.tasks import MedMNISTTask
 
 N_WAY, K_SHOT, N_QUERY = 5, 5, 10
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not available")
 
 
 def naive_episodes(ds: MedMNISTTask, n_episodes: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:

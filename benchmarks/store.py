@@ -20,27 +20,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from memory import reset_peak, status_mib
+
 from medmeta.manifest import load_manifest
 from medmeta.store import Store
 from medmeta.tasks import MedMNISTTask
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmHWM not available")
-
-
-def rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("VmRSS not available")
 
 
 def smooth_images(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
@@ -79,25 +63,25 @@ def run(size: int, n: int, reads: int, work: Path) -> dict[str, float]:
     raw_mib = n * size * size * 3 / 2**20
     order = np.random.default_rng(1).integers(0, n, reads)
 
-    base_rss = rss_mib()
+    base_rss = status_mib("VmRSS")
     reset_peak()
     t = time.perf_counter()
     store.build("bench", size, source_dir=work)
     build_s = time.perf_counter() - t
-    build_peak = peak_mib() - base_rss
+    build_peak = status_mib("VmHWM") - base_rss
 
     ds = MedMNISTTask(store, "bench", "train", size=size, in_memory=False)
     ds[0]
-    base_rss = rss_mib()
+    base_rss = status_mib("VmRSS")
     reset_peak()
     t = time.perf_counter()
     for i in order:
         ds[int(i)]
     store_s = time.perf_counter() - t
-    store_peak = peak_mib() - base_rss
+    store_peak = status_mib("VmHWM") - base_rss
     del ds
 
-    base_rss = rss_mib()
+    base_rss = status_mib("VmRSS")
     reset_peak()
     t = time.perf_counter()
     with np.load(npz, mmap_mode="r") as z:
@@ -105,7 +89,7 @@ def run(size: int, n: int, reads: int, work: Path) -> dict[str, float]:
         for i in order:
             np.asarray(images[int(i)], dtype=np.float32)
     npz_s = time.perf_counter() - t
-    npz_peak = peak_mib() - base_rss
+    npz_peak = status_mib("VmHWM") - base_rss
     del images
     total = n + 2 * max(1, n // 10)
     return {"size": size, "n_train": n, "raw_train_mib": raw_mib, "build_img_s": total / build_s,
