@@ -34,7 +34,6 @@ beyond the minimum, or the smallest possible set (greedy, not optimal).
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import __version__
+from .files import atomic_path
 from .manifest import SPLITS
 from .tasks import TaskDescription
 
@@ -798,13 +798,8 @@ def save_episode_set(path: str | Path, episodes: EpisodeSet | EpisodeSampler) ->
         "episodes": [{"index": s.index, "classes": list(s.classes), "support": s.support_indices.tolist(),
                       "query": s.query_indices.tolist()} for s in episodes.specs],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

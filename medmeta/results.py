@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .files import atomic_path
 from .metrics import mean_ci
 
 PACKAGES = ("medmeta", "torch", "torchvision", "numpy", "h5py", "scikit-learn", "pyyaml")
@@ -37,9 +37,8 @@ def summarise(per_episode: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write text to a temporary file, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_results(out: Path, results: Mapping[str, Any]) -> None:
@@ -48,12 +47,10 @@ def write_results(out: Path, results: Mapping[str, Any]) -> None:
     write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
     rows = [{"target": results["target"], "method": name, "episode": e["episode"], "auroc": e["auroc"], "acc": e["acc"]}
             for name, m in results["methods"].items() for e in m["per_episode"]]
-    tmp = out / f".results.csv.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=["target", "method", "episode", "auroc", "acc"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out / "results.csv")
 
 
 def plot_results(out: Path, results: Mapping[str, Any]) -> Path:

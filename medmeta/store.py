@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .fetch import fetch, iter_npz_rows, npz_array_shape
+from .files import atomic_path
 from .manifest import SPLITS, Manifest, load_manifest
 
 ROOT_ENV = "MEDMETA_ROOT"
@@ -118,20 +119,15 @@ class Store:
         npz = fetch(info, size, self.download_dir, source_dir=source_dir, download=download)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temps()
-        tmp = self.store_dir / f".{target.name}.{os.getpid()}.tmp"
-        try:
-            with h5py.File(tmp, "w") as fh:
-                fh.attrs.update(subset=subset, size=size, source_file=info.file(size).file,
-                                source_md5=info.file(size).md5, manifest_version=self.manifest.version,
-                                medmeta_version=__version__, format_version=FORMAT_VERSION,
-                                built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-                for split in SPLITS:
-                    for part in ("images", "labels"):
-                        self._copy_array(npz, f"{split}_{part}", fh, f"{split}/{part}",
-                                         desc=f"{subset}_{size} {split} {part}")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_path(target) as tmp, h5py.File(tmp, "w") as fh:
+            fh.attrs.update(subset=subset, size=size, source_file=info.file(size).file,
+                            source_md5=info.file(size).md5, manifest_version=self.manifest.version,
+                            medmeta_version=__version__, format_version=FORMAT_VERSION,
+                            built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            for split in SPLITS:
+                for part in ("images", "labels"):
+                    self._copy_array(npz, f"{split}_{part}", fh, f"{split}/{part}",
+                                     desc=f"{subset}_{size} {split} {part}")
         return target
 
     @staticmethod

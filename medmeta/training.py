@@ -16,7 +16,6 @@ the step, so a resumed run continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from .adaptation import task_loss
 from .episodes import MultiTaskEpisodeSampler
 from .maml import MAML, MetaEpisode
+from .files import atomic_path
 from .metrics import evaluate
 from .models import MultiHeadModel
 from .tasks import MedMNISTTask
@@ -46,10 +46,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename into place (no half-written checkpoints)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

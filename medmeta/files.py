@@ -1,0 +1,25 @@
+"""Atomic file writes: write to a temporary file beside the target, then rename it into place.
+
+Every file medmeta writes (store files, episode sets, checkpoints, results) goes through
+``atomic_path``, so a crash never leaves a half-written file where a finished one is expected.
+Temporary names are ``.{name}.{pid}.tmp``; the store removes those of dead processes.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path``: renamed onto it when the block succeeds, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
