@@ -13,10 +13,10 @@ import os
 import sys
 from pathlib import Path
 
+from medmeta.cli import USER_ERRORS
 from medmeta.config import load_config
-from medmeta.fetch import SOURCE_DIR_ENV, SourceError
+from medmeta.fetch import SOURCE_DIR_ENV
 from medmeta.protocol import run_protocol
-from medmeta.store import StoreError
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = load_config(args.config, CONFIGS, {k: v for k, v in overrides.items() if v is not None}, args.set)
         out = Path(args.out or f"runs/cdfsl/{cfg['target']}")
         return run_protocol(cfg, out, root=args.root, source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV))
-    except (ValueError, KeyError, FileNotFoundError, SourceError, StoreError, RuntimeError) as exc:
+    except (*USER_ERRORS, RuntimeError) as exc:  # RuntimeError: ImageNet weights unavailable
         print(f"cdfsl: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from medmeta.cli import USER_ERRORS
 from medmeta.config import load_config
 from medmeta.models import Classifier, build_backbone
-from medmeta.results import package_versions
+from medmeta.results import package_versions, write_atomic
 from medmeta.store import Store
 from medmeta.tasks import MedMNISTTask
 from medmeta.training import SupervisedConfig, evaluate_split, resolve_device, train_supervised
@@ -27,6 +29,15 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def main(argv: list[str] | None = None) -> dict:
+    try:
+        return run(argv)
+    except USER_ERRORS as exc:
+        print(f"supervised: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse arguments, train, score the test split and write results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help="subset (short or full name), e.g. breast, retina")
     parser.add_argument("--config", default="supervised", help="YAML file or name under experiments/configs/")
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                "val_auroc": best["val_auroc"], "val_acc": best["val_acc"],
                "test_auroc": test_scores["auroc"], "test_acc": test_scores["acc"],
                "seconds": time.perf_counter() - start, "history": best["history"], "versions": package_versions()}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_atomic(out / "results.json", json.dumps(results, indent=2))
     print(f"{subset} {cfg['size']}px {cfg['arch']} ({cfg['stem']} stem), best epoch {best['epoch']}: "
           f"test AUROC {test_scores['auroc']:.3f}  ACC {test_scores['acc']:.3f}  ({results['seconds']:.0f} s) -> {out}")
     return results

@@ -15,6 +15,9 @@ from .manifest import ManifestError, load_manifest
 from .store import ROOT_ENV, Store, StoreError
 from .tasks import describe_subset
 
+USER_ERRORS = (SourceError, StoreError, ManifestError, ValueError, KeyError, FileNotFoundError)
+"""Errors caused by input (arguments, files, config): reported in one line, exit status 2."""
+
 
 def _store(args: argparse.Namespace) -> Store:
     return Store(args.root, load_manifest(args.manifest) if args.manifest else None)
@@ -113,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SourceError, StoreError, ManifestError, ValueError, FileNotFoundError) as exc:
+    except USER_ERRORS as exc:
         print(f"medmeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

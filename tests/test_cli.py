@@ -52,3 +52,20 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path: Path, argv: list[str], mess
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "root" / "store").exists()
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("cdfsl.py", ["--target", "kidney"], "cdfsl: error: unknown subset 'kidney'"),
+    ("cdfsl.py", ["--target", "retina", "--set", "pretrain.stepz=3"], "unknown config key 'pretrain.stepz'"),
+    ("supervised.py", ["--dataset", "breast", "--config", "nonexistent"], "config 'nonexistent' not found"),
+])
+def test_experiment_scripts_report_bad_input_in_one_line(script: str, args: list[str], message: str,
+                                                         tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / script
+    proc = subprocess.run([sys.executable, str(path), *args, "--root", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
