@@ -151,3 +151,17 @@ def test_3d_target_pretrains_on_3d_sources(tmp_path: Path, real_store: Store, re
     assert results["episode_set"]["sampler"]["n_way"] == 2
     for method in ("scratch", "mmpt"):
         assert results["methods"][method]["summary"]["episodes"] == 3
+
+
+def test_missing_source_offline_is_named_with_what_to_do(tmp_path: Path, real_dir: Path, monkeypatch) -> None:
+    from medmeta import fetch
+    from medmeta.fetch import SourceError
+
+    def offline(entry, cache_dir):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(fetch, "_download", offline)
+    cfg = tiny_config(target="breast", sources=["path"])
+    with pytest.raises(SourceError, match=r"could not download pathmnist\.npz .*--source-dir"):
+        run_protocol(cfg, tmp_path / "out", root=str(tmp_path / "root"), source_dir=str(real_dir))
+    assert not (tmp_path / "root" / "store" / "pathmnist_28.h5").exists()
