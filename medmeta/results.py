@@ -68,9 +68,8 @@ def plot_results(out: Path, results: Mapping[str, Any]) -> Path:
     ax.axhline(0.5, color="grey", lw=1, ls="--", label="chance")
     ax.set_ylim(0.0, 1.0)
     ax.set_ylabel("query AUROC (mean, 95% CI)")
-    cfg = results["config"]
-    ax.set_title(f"{results['target']} {cfg['episodes']['shots']}-shot, {len(next(iter(results['methods'].values()))['per_episode'])} episodes",
-                 fontsize=10)
+    shots, episodes = results["config"]["episodes"]["shots"], results["episode_set"]["count"]
+    ax.set_title(f"{results['target']} {shots}-shot, {episodes} episodes", fontsize=10)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = out / "results.png"
