@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-TASK_TYPES = ("binary", "multi-class", "ordinal", "multi-label")
+from .manifest import TASK_TYPES
+
 
 Episode = tuple[Tensor, Tensor, Tensor]
 

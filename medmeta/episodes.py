@@ -477,7 +477,8 @@ class EpisodeSampler(_EpisodicSampler):
 class MultiTaskEpisodeSampler(_EpisodicSampler):
     """Meta-Dataset-style episodes over several tasks: pick a task, then an episode from it.
 
-    ``weights``: ``"proportional"`` (to dataset size), ``"uniform"``, or one weight per task.
+    ``weights``: ``"proportional"`` (to dataset size), ``"uniform"``, ``"tempered"`` (size ** 0.5),
+    or one weight per task (see ``task_probabilities``).
     Fixed mode: ``n_way`` (int, or None/"all" for every eligible class) applies to multi-class
     and ordinal tasks; binary episodes are 2-way and multi-label ones use every label.
     ``variable=True``: per episode N is uniform in 2..n_way (None: all eligible classes) and
@@ -487,7 +488,7 @@ class MultiTaskEpisodeSampler(_EpisodicSampler):
 
     def __init__(self, datasets: Sequence[EpisodeSource], n_way: NWay = None, k_shot: int = 5,
                  n_query: int = 10, n_episodes: int = 1000, seed: int = 0,
-                 weights: Literal["proportional", "uniform"] | Sequence[float] = "proportional",
+                 weights: Literal["proportional", "uniform", "tempered"] | Sequence[float] = "proportional",
                  variable: bool = False, min_class_samples: int | None = None) -> None:
         _check_counts(k_shot, n_query)
         _check_seed_and_length(seed, n_episodes)
@@ -499,7 +500,7 @@ class MultiTaskEpisodeSampler(_EpisodicSampler):
             raise ValueError(f"each (task, split) may appear once; got {keys}")
         self.plans = [_TaskPlan(d, k_shot + n_query, min_class_samples) for d in self.datasets]
         self.ways = np.array([p.resolve_way(n_way, strict=False) for p in self.plans], dtype=np.int64)
-        self.p = _task_probabilities(weights, self.datasets)
+        self.p = task_probabilities([len(d) for d in self.datasets], weights)
         self.k_shot, self.n_query, self.variable = int(k_shot), int(n_query), bool(variable)
         self.n_episodes, self.seed, self.epoch = int(n_episodes), int(seed), 0
         self._spec = _BlockCache(self._block)
@@ -537,18 +538,25 @@ def _check_seed_and_length(seed: int, n_episodes: int) -> None:
         raise ValueError(f"n_episodes must be an integer >= 1, got {n_episodes!r}")
 
 
-def _task_probabilities(weights: str | Sequence[float], datasets: Sequence[EpisodeSource]) -> np.ndarray:
+def task_probabilities(sizes: Sequence[int], weights: str | Sequence[float] = "proportional",
+                       temperature: float = 2.0) -> np.ndarray:
+    """Probability of drawing each task: ``"proportional"`` to its size, ``"uniform"``,
+    ``"tempered"`` (size ** (1 / temperature)), or one given weight per task."""
+    sizes_arr = np.asarray(sizes, dtype=np.float64)
     if isinstance(weights, str):
-        if weights == "uniform":
-            w = np.ones(len(datasets))
-        elif weights == "proportional":
-            w = np.array([len(d) for d in datasets], dtype=np.float64)
+        if weights == "proportional":
+            w = sizes_arr
+        elif weights == "uniform":
+            w = np.ones_like(sizes_arr)
+        elif weights == "tempered":
+            w = sizes_arr ** (1.0 / temperature)
         else:
-            raise ValueError(f"weights must be 'proportional', 'uniform' or a list of numbers, got {weights!r}")
+            raise ValueError(f"unknown task sampling {weights!r}; choose proportional, uniform, tempered "
+                             "or a list of weights")
     else:
         w = np.asarray(weights, dtype=np.float64)
-        if w.shape != (len(datasets),) or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be {len(datasets)} non-negative numbers with a positive sum, "
+        if w.shape != sizes_arr.shape or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be {len(sizes_arr)} non-negative numbers with a positive sum, "
                              f"got {weights!r}")
     return w / w.sum()
 

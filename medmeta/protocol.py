@@ -163,8 +163,9 @@ def run_protocol(cfg: dict[str, Any], out: Path, root: str | None = None, source
             cache = out / f"method_{method}.json"
             trained_by = {"mmpt": ["pretrain"], "maml": ["maml"]}.get(method, [])
             key = _config_key(cfg, "size", "seed", "model", "episodes", "adaptation", *trained_by) + ",".join(sources)
-            if cache.is_file() and json.loads(cache.read_text())["key"] == key:
-                results["methods"][method] = json.loads(cache.read_text())["result"]
+            cached = json.loads(cache.read_text()) if cache.is_file() else {}
+            if cached.get("key") == key:
+                results["methods"][method] = cached["result"]
                 continue
             start = time.perf_counter()
             backbone, adapt = _method_backbone(method, cfg, dims, store, sources, device, out, writer)

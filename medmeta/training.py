@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from .adaptation import task_loss
-from .episodes import MultiTaskEpisodeSampler
+from .episodes import MultiTaskEpisodeSampler, task_probabilities
 from .maml import MAML, MetaEpisode
 from .files import atomic_path
 from .metrics import evaluate
@@ -149,20 +149,6 @@ class PretrainConfig:
     val_max: int = 1000
     seed: int = 0
     checkpoint_every: int = 250
-
-
-def task_probabilities(sizes: Sequence[int], sampling: str, temperature: float = 2.0) -> np.ndarray:
-    """Probability of drawing each task: proportional to size, uniform, or size ** (1 / temperature)."""
-    sizes_arr = np.asarray(sizes, dtype=np.float64)
-    if sampling == "proportional":
-        weights = sizes_arr
-    elif sampling == "uniform":
-        weights = np.ones_like(sizes_arr)
-    elif sampling == "tempered":
-        weights = sizes_arr ** (1.0 / temperature)
-    else:
-        raise ValueError(f"unknown task sampling {sampling!r}; choose proportional, uniform or tempered")
-    return weights / weights.sum()
 
 
 class MultiTaskPretrainer:

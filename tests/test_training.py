@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from medmeta.config import load_config
-from medmeta.episodes import EpisodeSampler
+from medmeta.episodes import EpisodeSampler, task_probabilities
 from medmeta.models import Classifier, build_backbone
 from medmeta.protocol import evaluate_backbone, make_backbone
 from medmeta.store import Store
 from medmeta.tasks import MedMNISTTask
-from medmeta.training import (MultiTaskPretrainer, PretrainConfig, SupervisedConfig, task_probabilities,
-                              train_supervised)
+from medmeta.training import MultiTaskPretrainer, PretrainConfig, SupervisedConfig, train_supervised
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
