@@ -38,16 +38,18 @@ from .training import (MAMLConfig, MultiTaskPretrainer, PretrainConfig, resolve_
 METHODS = ("scratch", "imagenet", "mmpt", "maml")
 
 
-def resolve_sources(store: Store, target: str, sources: str | list[str], source_dir: str | None) -> list[str]:
-    """Source subsets for a target: ``default`` (all allowed), ``available`` (allowed and local) or a list."""
+def resolve_sources(store: Store, target: str, sources: str | list[str], source_dir: str | None,
+                    size: int) -> list[str]:
+    """Source subsets for a target: ``default`` (all allowed), ``available`` (allowed, and built or
+    in ``source_dir`` at ``size``) or a list."""
     manifest = store.manifest
     allowed = manifest.allowed_sources(target)
     if sources == "default":
         chosen = allowed
     elif sources == "available":
-        built = {s for s, z in store.built()}
-        local = {n for n in allowed if source_dir and any(
-            (Path(source_dir) / f.file).is_file() for f in manifest[n].files.values())}
+        built = {s for s, z in store.built() if z == size}
+        local = {n for n in allowed if source_dir and size in manifest[n].files
+                 and (Path(source_dir) / manifest[n].file(size).file).is_file()}
         chosen = [n for n in allowed if n in built or n in local]
     else:
         chosen = [manifest.resolve(s) for s in sources]
@@ -147,7 +149,7 @@ def run_protocol(cfg: dict[str, Any], out: Path, root: str | None = None, source
     if "imagenet" in cfg["methods"] and dims == 3:
         raise ValueError(f"method imagenet needs a 2D target; {target} is 3D (there are no ImageNet 3D weights)")
     needs_sources = any(m in ("mmpt", "maml") for m in cfg["methods"])
-    sources = resolve_sources(store, target, cfg["sources"], source_dir) if needs_sources else []
+    sources = resolve_sources(store, target, cfg["sources"], source_dir, cfg["size"]) if needs_sources else []
     for name in [target, *sources]:
         store.build(name, cfg["size"], source_dir=source_dir)
     device = resolve_device(cfg["device"])

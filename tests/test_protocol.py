@@ -165,3 +165,10 @@ def test_missing_source_offline_is_named_with_what_to_do(tmp_path: Path, real_di
     with pytest.raises(SourceError, match=r"could not download pathmnist\.npz .*--source-dir"):
         run_protocol(cfg, tmp_path / "out", root=str(tmp_path / "root"), source_dir=str(real_dir))
     assert not (tmp_path / "root" / "store" / "pathmnist_28.h5").exists()
+
+
+def test_available_sources_are_those_present_at_the_requested_size(tmp_path: Path, real_dir: Path) -> None:
+    # vesselmnist3d is present locally at 28px only, so a 64px adrenal3d target has no available source.
+    cfg = tiny_config(target="adrenal3d", sources="available", size=64)
+    with pytest.raises(ValueError, match="target adrenalmnist3d has no allowed source subsets"):
+        run_protocol(cfg, tmp_path / "out", root=str(tmp_path / "root"), source_dir=str(real_dir))
