@@ -13,8 +13,11 @@ BatchNorm (the same in both paths): fine-tuning steps run in train mode, so BN n
 support-batch statistics and updates its running statistics (momentum as set on each layer);
 the query is then predicted in eval mode with those updated running statistics. Query
 predictions are therefore inductive: a query image's logits do not depend on the other query
-images. With ``head_only=True`` the backbone is frozen as a whole: it runs in eval mode with
-its existing running statistics, and only the head is trained, on features computed once.
+images. With ``head_only=True`` (a linear probe) the backbone's weights are frozen and only the
+head is trained, on features computed once in eval mode. Its BatchNorm running statistics are
+first re-estimated on the support set (``models.reestimate_batchnorm``): a pretrained
+backbone's own statistics belong to its pretraining data (for mm-PT, mostly to the source task
+trained last), and mm-PT's validation uses the same rule, per source task.
 
 Heads: ``nn.Linear``'s default initialisation (weight kaiming-uniform with a=sqrt(5), i.e.
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias the same bound), drawn from a ``torch.Generator``
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .manifest import TASK_TYPES
+from .models import reestimate_batchnorm
 
 
 Episode = tuple[Tensor, Tensor, Tensor]
@@ -94,9 +98,7 @@ def adapt_and_predict(backbone: nn.Module, task_type: str, num_outputs: int,
     net = copy.deepcopy(backbone).requires_grad_(True)
     head = fresh_head(feature_dim(net, sx), num_outputs, seed, device, dtype)
     if head_only:
-        net.eval()
-        with torch.no_grad():
-            support_feats, query_feats = net(sx), net(qx)
+        support_feats, query_feats = _frozen_features(net, sx, qx)
         opt = torch.optim.Adam(head.parameters(), lr=lr)
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
@@ -113,6 +115,15 @@ def adapt_and_predict(backbone: nn.Module, task_type: str, num_outputs: int,
     model.eval()
     with torch.no_grad():
         return model(qx)
+
+
+def _frozen_features(net: nn.Module, support_x: Tensor, query_x: Tensor) -> tuple[Tensor, Tensor]:
+    """Support and query features of ``net`` (changed in place: pass a copy) in eval mode, with
+    BatchNorm statistics re-estimated on the support set."""
+    reestimate_batchnorm(net, [support_x])
+    net.eval()
+    with torch.no_grad():
+        return net(support_x), net(query_x)
 
 
 class StackedAdam:
@@ -185,10 +196,9 @@ def _adapt_chunk(backbone: nn.Module, task_type: str, num_outputs: int, episodes
     heads = [fresh_head(width, num_outputs, s, device, dtype) for s in seeds]
 
     if head_only:
-        net.eval()
-        with torch.no_grad():
-            support_feats = net(sx.flatten(0, 1)).unflatten(0, sx.shape[:2])
-            query_feats = net(qx.flatten(0, 1)).unflatten(0, qx.shape[:2])
+        feats = [_frozen_features(copy.deepcopy(backbone), s, q) for s, q in zip(sx, qx)]
+        support_feats = _stack([f[0] for f in feats])
+        query_feats = _stack([f[1] for f in feats])
         params = {"weight": _stack([h.weight.detach() for h in heads]),
                   "bias": _stack([h.bias.detach() for h in heads])}
 

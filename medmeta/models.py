@@ -22,6 +22,8 @@ between tasks, one linear head per task id.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.error import URLError
 
@@ -303,3 +305,49 @@ class MultiHeadModel(nn.Module):
 def num_parameters(module: nn.Module) -> int:
     """Number of parameters (trainable or not) in ``module``."""
     return sum(p.numel() for p in module.parameters())
+
+
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def reestimate_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Replace every BatchNorm layer's running statistics by those of ``batches``; weights unchanged.
+
+    The statistics are the cumulative average over the batches (momentum ``None`` while
+    estimating, restored after), so they belong to the data given and nothing else. Used where a
+    backbone trained on other data is evaluated in eval mode on one task: mm-PT validation (per
+    source task) and the frozen-feature adaptation rules (on the episode's support set).
+    """
+    layers = _batchnorms(module)
+    momenta = [m.momentum for m in layers]
+    modes = {m: m.training for m in module.modules()}
+    try:
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None
+        module.train()
+        for x in batches:
+            module(x)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        for m, was in modes.items():
+            m.training = was
+
+
+@contextmanager
+def batchnorm_restored(module: nn.Module) -> Iterator[None]:
+    """Restore every BatchNorm layer's running statistics after the block."""
+    layers = _batchnorms(module)
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(layers, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)

@@ -29,11 +29,13 @@ from .adaptation import adapt_episodes
 from .episodes import EpisodeSampler, EpisodeSet, load_episode_set, save_episode_set
 from .metrics import evaluate
 from .models import build_backbone
-from .results import format_table, package_versions, plot_results, summarise, write_atomic, write_results
+from .manifest import Manifest
+from .results import (add_paired_differences, format_table, package_versions, plot_results, summarise, write_atomic,
+                      write_results)
 from .store import Store
 from .tasks import MedMNISTTask, find_task
-from .training import (MAMLConfig, MultiTaskPretrainer, PretrainConfig, resolve_device, save_atomic,
-                       train_maml)
+from .training import (MAMLConfig, MultiTaskPretrainer, PretrainConfig, checkpoint_identity, resolve_device,
+                       save_atomic, train_maml)
 
 METHODS = ("scratch", "imagenet", "mmpt", "maml")
 
@@ -63,14 +65,19 @@ def resolve_sources(store: Store, target: str, sources: str | list[str], source_
     return chosen
 
 
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _config_key(cfg: dict[str, Any], *sections: str) -> str:
     """A short hash of the config parts a cached result depends on."""
-    text = json.dumps({s: cfg.get(s) for s in sections}, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    return _hash({s: cfg.get(s) for s in sections})
 
 
-def target_episodes(store: Store, target: str, cfg: dict[str, Any], out: Path) -> tuple[MedMNISTTask, EpisodeSet]:
-    """The target dataset (all splits) and its fixed evaluation episodes, created once and reused."""
+def target_episodes(store: Store, target: str, cfg: dict[str, Any], out: Path
+                    ) -> tuple[MedMNISTTask, EpisodeSet, tuple[str, ...]]:
+    """The target dataset, its fixed evaluation episodes (created once and reused) and the
+    classes (labels) that ``min_class_samples`` left out."""
     ep = cfg["episodes"]
     dataset = MedMNISTTask(store, find_task(target, cfg["size"], store.manifest), split=ep["split"], size=cfg["size"])
     path = Path(ep["file"]) if ep.get("file") else out / f"episodes_{dataset.task.task_id}_{cfg['size']}px_{ep['shots']}shot.json"
@@ -86,9 +93,9 @@ def target_episodes(store: Store, target: str, cfg: dict[str, Any], out: Path) -
             raise ValueError(f"episode set {path} holds {len(stored)} episodes drawn with {stored.sampler}, seed "
                              f"{stored.seed}; this run asks for {ep['count']} with {fresh[0]}, seed {cfg['seed']}: "
                              "use another --out folder or delete the file")
-        return dataset, stored
+        return dataset, stored, sampler.dropped
     save_episode_set(path, sampler)
-    return dataset, load_episode_set(path)
+    return dataset, load_episode_set(path), sampler.dropped
 
 
 def source_datasets(store: Store, sources: list[str], size: int, split: str) -> dict[str, MedMNISTTask]:
@@ -137,9 +144,10 @@ def evaluate_backbone(backbone: nn.Module, dataset: MedMNISTTask, episode_set: E
     return per_episode
 
 
-def run_protocol(cfg: dict[str, Any], out: Path, root: str | None = None, source_dir: str | None = None) -> dict[str, Any]:
+def run_protocol(cfg: dict[str, Any], out: Path, root: str | None = None, source_dir: str | None = None,
+                 manifest: Manifest | None = None) -> dict[str, Any]:
     """Run the leave-one-out experiment described by ``cfg``; write results under ``out`` and return them."""
-    store = Store(root)
+    store = Store(root, manifest)
     manifest = store.manifest
     target = manifest.resolve(cfg["target"])
     unknown = [m for m in cfg["methods"] if m not in METHODS]
@@ -154,12 +162,16 @@ def run_protocol(cfg: dict[str, Any], out: Path, root: str | None = None, source
         store.build(name, cfg["size"], source_dir=source_dir)
     device = resolve_device(cfg["device"])
     out.mkdir(parents=True, exist_ok=True)
-    dataset, episode_set = target_episodes(store, target, cfg, out)
+    dataset, episode_set, dropped = target_episodes(store, target, cfg, out)
+    if dropped:
+        print(f"{dataset.task.task_id}: left out {', '.join(dropped)} (fewer than "
+              f"min_class_samples={cfg['episodes']['min_class_samples']} samples)")
     results: dict[str, Any] = {"target": target, "task": dataset.task.task_id, "sources": sources, "config": cfg,
                                "seed": cfg["seed"], "device": str(device), "versions": package_versions(),
                                "episode_set": {"task": episode_set.task_id, "split": episode_set.split,
-                                               "count": len(episode_set), "sampler": episode_set.sampler},
-                               "methods": {}}
+                                               "count": len(episode_set), "sampler": episode_set.sampler,
+                                               "dropped": list(dropped)},
+                               "reference": cfg["reference"], "methods": {}}
     with SummaryWriter(out / "tensorboard") as writer:
         for method in cfg["methods"]:
             cache = out / f"method_{method}.json"
@@ -180,7 +192,9 @@ def run_protocol(cfg: dict[str, Any], out: Path, root: str | None = None, source
                       "seconds": {"train": trained - start, "adapt": done - trained, "total": done - start}}
             write_atomic(cache, json.dumps({"key": key, "result": result}))
             results["methods"][method] = result
+            add_paired_differences(results["methods"], cfg["reference"])
             write_results(out, results)
+    add_paired_differences(results["methods"], cfg["reference"])
     write_results(out, results)
     plot_results(out, results)
     print(format_table(results))
@@ -200,17 +214,25 @@ def _method_backbone(method: str, cfg: dict[str, Any], dims: int, store: Store, 
     if method == "mmpt":
         p = cfg["pretrain"]
         config = PretrainConfig(**{k: p[k] for k in PretrainConfig.__dataclass_fields__ if k in p}, seed=cfg["seed"])
+        folder = _training_folder(out / "mmpt", config, cfg, sources)
         trainer = MultiTaskPretrainer(make_backbone(cfg, dims), train, val, config, device,
-                                      checkpoint=out / "mmpt" / "checkpoint.pt", writer=writer)
+                                      checkpoint=folder / "checkpoint.pt", writer=writer)
         backbone = trainer.run()
-        save_atomic(backbone.state_dict(), out / "mmpt" / "backbone.pt")
+        save_atomic(backbone.state_dict(), folder / "backbone.pt")
         return backbone, None
     m = cfg["maml"]
     config = MAMLConfig(**{k: m[k] for k in MAMLConfig.__dataclass_fields__ if k in m}, seed=cfg["seed"])
-    maml = train_maml(make_backbone(cfg, dims), train, config, device, checkpoint=out / "maml" / "checkpoint.pt",
+    folder = _training_folder(out / "maml", config, cfg, sources)
+    maml = train_maml(make_backbone(cfg, dims), train, config, device, checkpoint=folder / "checkpoint.pt",
                       writer=writer)
 
     def adapt(task_type: str, episodes: list[tuple], seeds: list[int]) -> list[torch.Tensor]:
         return [maml.adapt_and_predict(task_type, n_out, sx, sy, qx) for sx, sy, qx, n_out in episodes]
 
     return maml.backbone, adapt
+
+
+def _training_folder(parent: Path, config: Any, cfg: dict[str, Any], sources: list[str]) -> Path:
+    """One folder per training run identity (config minus ``steps``, model, size, sources), so a
+    changed config trains afresh instead of resuming another config's checkpoint."""
+    return parent / _hash(checkpoint_identity(config, model=cfg["model"], size=cfg["size"], sources=sources))

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import platform
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .files import atomic_path
-from .metrics import mean_ci
+from .metrics import mean_ci, paired_difference
 
 PACKAGES = ("medmeta", "torch", "torchvision", "numpy", "h5py", "scikit-learn", "pyyaml")
 
@@ -28,11 +29,37 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+METRICS = ("auroc", "acc")
+
+
 def summarise(per_episode: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """Mean and 1.96 x SEM half-width of AUROC and accuracy over episodes."""
-    auroc, auroc_ci = mean_ci([e["auroc"] for e in per_episode])
-    acc, acc_ci = mean_ci([e["acc"] for e in per_episode])
-    return {"auroc": auroc, "auroc_ci95": auroc_ci, "acc": acc, "acc_ci95": acc_ci, "episodes": len(per_episode)}
+    """Mean and 1.96 x SEM half-width of AUROC and accuracy over episodes.
+
+    ``episodes`` counts every episode; ``episodes_auroc`` those with a defined AUROC (an
+    episode whose query holds a single class for every label has none, and is left out of
+    the AUROC mean).
+    """
+    out: dict[str, float] = {}
+    for metric in METRICS:
+        out[metric], out[f"{metric}_ci95"] = mean_ci([e[metric] for e in per_episode])
+    out["episodes"] = len(per_episode)
+    out["episodes_auroc"] = int(sum(not math.isnan(e["auroc"]) for e in per_episode))
+    return out
+
+
+def add_paired_differences(methods: dict[str, Any], reference: str) -> None:
+    """Give every method a ``paired`` entry: its per-episode difference to ``reference`` per metric."""
+    if reference not in methods:
+        return
+    ref = {e["episode"]: e for e in methods[reference]["per_episode"]}
+    for name, m in methods.items():
+        if name == reference:
+            m.pop("paired", None)
+            continue
+        rows = [(e, ref[e["episode"]]) for e in m["per_episode"] if e["episode"] in ref]
+        m["paired"] = {"reference": reference, **{
+            metric: paired_difference([e[metric] for e, _ in rows], [r[metric] for _, r in rows])
+            for metric in METRICS}}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -41,16 +68,46 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str]) -> None:
+    """Rows as CSV, written atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(fieldnames))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+SUMMARY_FIELDS = ("target", "method", "auroc", "auroc_ci95", "acc", "acc_ci95", "episodes", "episodes_auroc",
+                  "reference", "auroc_diff", "auroc_diff_ci95", "acc_diff", "acc_diff_ci95", "identical",
+                  "train_seconds", "adapt_seconds")
+
+
+def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per method: its summary and its paired difference to the reference method."""
+    rows = []
+    for name, m in results["methods"].items():
+        paired = m.get("paired", {})
+        row = {"target": results["target"], "method": name, **m["summary"],
+               "reference": paired.get("reference", ""),
+               "train_seconds": m["seconds"]["train"], "adapt_seconds": m["seconds"]["adapt"]}
+        for metric in METRICS:
+            if metric in paired:
+                row[f"{metric}_diff"] = paired[metric]["mean"]
+                row[f"{metric}_diff_ci95"] = paired[metric]["ci95"]
+        if paired:
+            row["identical"] = paired["auroc"]["identical"] and paired["acc"]["identical"]
+        rows.append(row)
+    return rows
+
+
 def write_results(out: Path, results: Mapping[str, Any]) -> None:
-    """``results.json`` (everything) and ``results.csv`` (one row per method and episode)."""
+    """``results.json`` (everything), ``results.csv`` (one row per method and episode) and
+    ``summary.csv`` (one row per method, with the paired difference to the reference)."""
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
     rows = [{"target": results["target"], "method": name, "episode": e["episode"], "auroc": e["auroc"], "acc": e["acc"]}
             for name, m in results["methods"].items() for e in m["per_episode"]]
-    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["target", "method", "episode", "auroc", "acc"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "results.csv", rows, ["target", "method", "episode", "auroc", "acc"])
+    write_csv(out / "summary.csv", summary_rows(results), SUMMARY_FIELDS)
 
 
 def plot_results(out: Path, results: Mapping[str, Any]) -> Path:
@@ -78,12 +135,27 @@ def plot_results(out: Path, results: Mapping[str, Any]) -> Path:
     return path
 
 
+def _difference(paired: Mapping[str, Any], metric: str) -> str:
+    d = paired[metric]
+    if d["identical"]:
+        return "identical"
+    return f"{d['mean']:+.3f} ± {d['ci95']:.3f}"
+
+
 def format_table(results: Mapping[str, Any]) -> str:
-    """A plain-text table of the methods' AUROC and accuracy with 95% intervals."""
+    """A plain-text table: AUROC and accuracy with 95% intervals, and the paired per-episode
+    difference to the reference method (``identical`` when every episode's value is equal)."""
+    reference = results.get("reference", "")
     lines = [f"target {results['target']} ({results['config']['size']}px), sources: {', '.join(results['sources']) or '-'}",
-             f"{'method':<10}{'AUROC':>16}{'ACC':>16}{'episodes':>10}{'seconds':>10}"]
+             f"{'method':<16}{'AUROC':>16}{'ACC':>16}{f'ΔAUROC vs {reference}':>22}{f'ΔACC vs {reference}':>20}"
+             f"{'episodes':>10}{'seconds':>9}"]
     for name, m in results["methods"].items():
-        s = m["summary"]
-        lines.append(f"{name:<10}{s['auroc']:>9.3f} ± {s['auroc_ci95']:.3f}{s['acc']:>9.3f} ± {s['acc_ci95']:.3f}"
-                     f"{s['episodes']:>10}{m['seconds']['total']:>10.0f}")
+        s, paired = m["summary"], m.get("paired")
+        count = str(s["episodes"]) if s["episodes_auroc"] == s["episodes"] else f"{s['episodes_auroc']}/{s['episodes']}"
+        d_auroc = _difference(paired, "auroc") if paired else "(reference)" if name == reference else "-"
+        d_acc = _difference(paired, "acc") if paired else "" if name == reference else "-"
+        lines.append(f"{name:<16}{s['auroc']:>9.3f} ± {s['auroc_ci95']:.3f}{s['acc']:>9.3f} ± {s['acc_ci95']:.3f}"
+                     f"{d_auroc:>22}{d_acc:>20}{count:>10}{m['seconds']['total']:>9.0f}")
+    if any(m["summary"]["episodes_auroc"] != m["summary"]["episodes"] for m in results["methods"].values()):
+        lines.append("episodes a/b: a of the b episodes have a defined AUROC (the others are left out of its mean)")
     return "\n".join(lines)

@@ -178,3 +178,23 @@ def test_resnet18_batched_equals_sequential() -> None:
     bat = adapt_episodes(backbone, "binary", 1, eps, steps=1, batched=True)
     for a, b in zip(seq, bat):
         assert torch.allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_linear_probe_uses_batchnorm_statistics_of_the_support(net: nn.Module) -> None:
+    """A frozen backbone's stored running statistics (e.g. mm-PT's, from the task trained last)
+    must not decide a linear probe: they are re-estimated on the support set."""
+    gen = torch.Generator().manual_seed(3)
+    ep = episode("multi-class", 3, gen)
+    skewed = copy.deepcopy(net)
+    for m in skewed.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(5.0)
+            m.running_var.fill_(0.01)
+    before = {k: v.clone() for k, v in skewed.state_dict().items()}
+    a = adapt_and_predict(net, "multi-class", 3, *ep, steps=5, head_only=True, seed=1)
+    b = adapt_and_predict(skewed, "multi-class", 3, *ep, steps=5, head_only=True, seed=1)
+    torch.testing.assert_close(a, b)
+    batched = adapt_many(skewed, "multi-class", 3, [ep], steps=5, head_only=True, seeds=[1])[0]
+    torch.testing.assert_close(batched, a, atol=1e-5, rtol=1e-5)
+    for k, v in skewed.state_dict().items():
+        assert torch.equal(v, before[k]), k

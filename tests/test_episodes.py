@@ -74,16 +74,18 @@ def make_store(folder: Path, subsets: dict[str, tuple[str, list[str], int, dict[
 def synth(tmp_path_factory: pytest.TempPathFactory) -> Store:
     rng = np.random.default_rng(7)
     chest = {s: _chest_labels(rng, n) for s, n in zip(SPLITS, (600, 200, 200))}
-    # Label "x" has exactly 4 positives, label "y" exactly 4 negatives, two of them shared with
-    # x's positives: with K=2, Q=2 the support can take all of x's positives (see the test).
-    trap = np.zeros((40, 2), dtype=np.uint8)
+    # Label "x" has exactly 4 positives; "y" has 4 negatives, two of them x's positives 0 and 1,
+    # "z" likewise with x's positives 2 and 3. With K=2, Q=2 a minimal support can hold all four
+    # of x's positives (y's negatives 0, 1 and z's 2, 3), leaving none for the query (see the test).
+    trap = np.zeros((40, 3), dtype=np.uint8)
     trap[:4, 0] = 1
-    trap[:, 1] = 1
-    trap[[2, 3, 20, 21], 1] = 0
+    trap[:, 1:] = 1
+    trap[[0, 1, 10, 11], 1] = 0
+    trap[[2, 3, 12, 13], 2] = 0
     many = {s: np.arange(n) % 6 for s, n in zip(SPLITS, (300, 60, 60))}
     return make_store(tmp_path_factory.mktemp("episodes_synth"), {
         "chesty": ("multi-label", ["common", "mid", "low", "rare", "hernia"], 1, chest),
-        "trap": ("multi-label", ["x", "y"], 1, {s: trap for s in SPLITS}),
+        "trap": ("multi-label", ["x", "y", "z"], 1, {s: trap for s in SPLITS}),
         "sixway": ("multi-class", [f"c{i}" for i in range(6)], 3, many),
     })
 
@@ -200,19 +202,74 @@ def test_multilabel_greedy_guarantee(synth: Store) -> None:
             assert (pos >= need).all() and (len(y) - pos >= need).all()
 
 
+def test_multilabel_support_and_query_are_pruned_to_a_minimal_set(synth: Store) -> None:
+    ds = MedMNISTTask(synth, "chesty", "train")
+    k, q = 2, 3
+    for ep in EpisodeSampler(ds, k_shot=k, n_query=q, n_episodes=100, seed=2).episodes():
+        for y, need in ((ep.support_y.numpy(), k), (ep.query_y.numpy(), q)):
+            pos, neg = y.sum(0), (1 - y).sum(0)
+            assert (pos >= need).all() and (neg >= need).all()
+            # No sample can go without some label falling below the guarantee.
+            for row in y:
+                assert ((pos - row) < need).any() or ((neg - (1 - row)) < need).any()
+
+
+class _LabelsOnly:
+    """A dataset with labels only: enough for samplers to draw episode specs."""
+
+    def __init__(self, task_type: str, labels: np.ndarray) -> None:
+        from medmeta.tasks import TaskDescription
+
+        names = tuple(f"label{i}" for i in range(labels.shape[1] if labels.ndim == 2 else labels.max() + 1))
+        self.task = TaskDescription("fake", "fake", task_type, names, "d", "m", 1, 28, 2)
+        self.split, self.labels = "train", labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        raise NotImplementedError
+
+
+def test_multilabel_episode_sizes_match_torchcross_on_chestxray14_prevalences() -> None:
+    # ChestX-ray14 label prevalences; torchcross's greedy-then-remove sampling gives 5-shot supports
+    # of about 44 images and 10-query sets of about 87 (without the removal pass: about 56 and 110).
+    prevalence = np.array([.103, .025, .119, .177, .052, .056, .013, .047, .042, .021, .022, .015, .030, .002])
+    labels = (np.random.default_rng(0).random((20000, 14)) < prevalence).astype(np.int64)
+    specs = list(EpisodeSampler(_LabelsOnly("multi-label", labels), k_shot=5, n_query=10, n_episodes=200))
+    support = np.mean([len(s.support_indices) for s in specs])
+    query = np.mean([len(s.query_indices) for s in specs])
+    assert 38 <= support <= 48 and 78 <= query <= 92, (support, query)
+
+
+def test_multilabel_min_class_samples_keeps_labels_with_enough_of_both(synth: Store) -> None:
+    ds = MedMNISTTask(synth, "chesty", "val")
+    pos = ds.labels.sum(0)
+    neg = len(ds.labels) - pos
+    minimum = int(np.sort(np.minimum(pos, neg))[2])  # keeps the three best-served labels (ties aside)
+    kept = np.flatnonzero(np.minimum(pos, neg) >= minimum)
+    assert 0 < len(kept) < ds.labels.shape[1]
+    sampler = EpisodeSampler(ds, k_shot=2, n_query=2, n_episodes=10, min_class_samples=minimum)
+    assert sampler.dropped == tuple(ds.task.class_names[c] for c in range(5) if c not in kept)
+    for ep in sampler.episodes():
+        assert ep.classes == tuple(kept.tolist()) and ep.num_outputs == len(kept)
+        np.testing.assert_array_equal(ep.support_y.numpy(), ds.labels[ep.support_indices][:, kept])
+        np.testing.assert_array_equal(ep.query_y.numpy(), ds.labels[ep.query_indices][:, kept])
+    with pytest.raises(ValueError, match="no label has min_class_samples=1000"):
+        EpisodeSampler(ds, k_shot=1, n_query=1, min_class_samples=1000)
+
+
 def test_multilabel_errors_name_the_label(synth: Store) -> None:
     ds = MedMNISTTask(synth, "chesty", "val")
     rare = int(ds.labels[:, 4].sum())
     with pytest.raises(ValueError, match=rf"label 4 \('hernia': {rare} positives"):
         EpisodeSampler(ds, k_shot=rare, n_query=1)
-    with pytest.raises(ValueError, match="min_class_samples does not apply"):
-        EpisodeSampler(ds, k_shot=1, n_query=1, min_class_samples=5)
     with pytest.raises(ValueError, match="always use every label"):
         EpisodeSampler(ds, n_way=3, k_shot=1, n_query=1)
-    # The support may take more than K of a label (here all 4 positives of "x"): then the
+    # Even a minimal support may take more than K of a label (here all 4 positives of "x"): then the
     # query cannot be served, and the error says so rather than returning a short episode.
     trap = EpisodeSampler(MedMNISTTask(synth, "trap", "train"), k_shot=2, n_query=2, n_episodes=5 * BLOCK)
-    with pytest.raises(ValueError, match=r"label \d \('[xy]'\) has only \d (positives|negatives) left for the query"):
+    with pytest.raises(ValueError, match=r"label \d \('[xyz]'\) has only \d (positives|negatives) left for the query"):
         list(trap)
 
 

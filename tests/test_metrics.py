@@ -184,3 +184,47 @@ def test_mean_ci_hand_computed():
     assert all(math.isnan(v) for v in mean_ci([float("nan")]))
     assert all(math.isnan(v) for v in mean_ci([]))
     assert isinstance(mean_ci([1.0, 2.0])[0], float)
+
+
+def test_paired_difference_hand_computed():
+    from medmeta.metrics import paired_difference
+
+    a = [0.70, 0.60, float("nan"), 0.90]
+    b = [0.60, 0.65, 0.50, 0.80]
+    d = np.array([0.10, -0.05, 0.10])  # episode 2 has no value for a, so it is left out
+    out = paired_difference(a, b)
+    assert out["episodes"] == 3 and not out["identical"]
+    assert out["mean"] == pytest.approx(d.mean())
+    assert out["ci95"] == pytest.approx(1.96 * d.std(ddof=1) / math.sqrt(3))
+    same = paired_difference(b, b)
+    assert same == {"mean": 0.0, "ci95": 0.0, "episodes": 4, "identical": True}
+    # A zero mean difference from differing episodes is not "identical".
+    assert not paired_difference([0.6, 0.4], [0.4, 0.6])["identical"]
+    with pytest.raises(ValueError, match="values per episode for both methods"):
+        paired_difference([0.5], [0.5, 0.6])
+
+
+def test_summary_counts_episodes_with_a_defined_auroc():
+    from medmeta.results import summarise
+
+    per_episode = [{"auroc": 0.8, "acc": 0.7}, {"auroc": float("nan"), "acc": 0.5}, {"auroc": 0.6, "acc": 0.9}]
+    s = summarise(per_episode)
+    assert s["episodes"] == 3 and s["episodes_auroc"] == 2
+    assert s["auroc"] == pytest.approx(0.7) and s["acc"] == pytest.approx(0.7)
+
+
+def test_table_shows_paired_differences_and_identical_methods():
+    from medmeta.results import add_paired_differences, format_table, summarise
+
+    def method(values):
+        per = [{"episode": i, "auroc": v, "acc": v} for i, v in enumerate(values)]
+        return {"summary": summarise(per), "per_episode": per, "seconds": {"train": 0, "adapt": 1, "total": 1}}
+
+    methods = {"scratch": method([0.5, 0.6, 0.7]), "same": method([0.5, 0.6, 0.7]), "better": method([0.6, 0.8, 0.8])}
+    add_paired_differences(methods, "scratch")
+    assert methods["same"]["paired"]["auroc"]["identical"] and "paired" not in methods["scratch"]
+    assert methods["better"]["paired"]["auroc"]["mean"] == pytest.approx(0.4 / 3)
+    table = format_table({"target": "t", "config": {"size": 28}, "sources": [], "reference": "scratch",
+                          "methods": methods})
+    lines = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert "(reference)" in lines["scratch"] and "identical" in lines["same"] and "+0.133 ±" in lines["better"]

@@ -35,12 +35,18 @@ def test_results_schema_cache_and_episode_set(tmp_path: Path, real_store: Store,
     assert set(saved["versions"]) >= {"torch", "numpy", "medmeta", "python"}
     for method in ("scratch", "mmpt"):
         m = saved["methods"][method]
-        assert set(m["summary"]) == {"auroc", "auroc_ci95", "acc", "acc_ci95", "episodes"}
+        assert set(m["summary"]) == {"auroc", "auroc_ci95", "acc", "acc_ci95", "episodes", "episodes_auroc"}
         assert [e["episode"] for e in m["per_episode"]] == [0, 1, 2]
         assert all(0.0 <= e["auroc"] <= 1.0 and 0.0 <= e["acc"] <= 1.0 for e in m["per_episode"])
         assert m["summary"]["auroc"] == pytest.approx(np.mean([e["auroc"] for e in m["per_episode"]]))
         assert m["seconds"]["total"] > 0
+    assert "paired" not in saved["methods"]["scratch"] and saved["reference"] == "scratch"
+    paired = saved["methods"]["mmpt"]["paired"]
+    diffs = [a["auroc"] - b["auroc"] for a, b in zip(saved["methods"]["mmpt"]["per_episode"],
+                                                    saved["methods"]["scratch"]["per_episode"])]
+    assert paired["reference"] == "scratch" and paired["auroc"]["mean"] == pytest.approx(np.mean(diffs))
     assert (out / "results.csv").read_text().count("\n") == 1 + 6
+    assert (out / "summary.csv").read_text().splitlines()[0].startswith("target,method,auroc,auroc_ci95")
     assert (out / "results.png").stat().st_size > 1000 and any((out / "tensorboard").iterdir())
     assert "scratch" in capsys.readouterr().out
 
