@@ -30,9 +30,9 @@ import torch
 from memory import reset_peak, status_mib
 
 from medmeta.episodes import EpisodeSampler
-from medmeta.manifest import parse_manifest
-from medmeta.store import Store, default_root
-from medmeta.tasks import MedMNISTTask
+from medmeta.data.manifest import parse_manifest
+from medmeta.data.store import Store, default_root
+from medmeta.data.tasks import MedMNISTTask
 
 N_WAY, K_SHOT, N_QUERY = 5, 5, 10
 

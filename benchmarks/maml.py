@@ -2,12 +2,12 @@
 
 Two comparisons on the same model and the same synthetic episodes:
 
-1. Meta-training step (second and/or first order): ``medmeta.maml.MAML.meta_step``
+1. Meta-training step (second and/or first order): ``medmeta.learning.maml.MAML.meta_step``
    (``torch.func``) against a straightforward implementation (``copy.deepcopy`` of the model
    per episode, parameters swapped for graph-connected tensors, unrolled
    ``torch.autograd.grad(create_graph=True)``). Both back-propagate episode by episode.
-2. Adapting N episodes (``medmeta.adaptation``): vmapped (``adapt_many``) against one-by-one
-   (``adapt_and_predict``), with the largest logit difference between the two.
+2. Fine-tuning N episodes (``medmeta.learning.finetune``): vmapped (``fine_tune_many``) against
+   one-by-one (``fine_tune``), with the largest logit difference between the two.
 
 Each measurement runs in a fresh subprocess so its peak memory is its own. Peak memory is
 ``torch.cuda.max_memory_allocated`` minus the allocation before the work on CUDA, and on CPU
@@ -45,10 +45,12 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medmeta.adaptation import adapt_and_predict, adapt_many, task_loss
-from medmeta.maml import MAML, MetaEpisode
+from medmeta.episodes import Episode
+from medmeta.learning.finetune import WorkingCopy, fine_tune, fine_tune_many
+from medmeta.learning.maml import MAML
+from medmeta.tasktype import TaskType
 
-TASK_TYPE = "multi-class"
+TASK_TYPE = TaskType.MULTI_CLASS
 
 
 class SmallCNN(nn.Module):
@@ -74,7 +76,7 @@ def build_model(name: str, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     if name == "small":
         return SmallCNN().to(device)
-    from medmeta.models import build_backbone
+    from medmeta.learning.models import build_backbone
     return build_backbone("resnet18", stem="cifar").to(device)
 
 
@@ -82,7 +84,7 @@ def _images(count: int, args: argparse.Namespace, gen: torch.Generator) -> Tenso
     return torch.rand(count, 1, args.size, args.size, generator=gen)
 
 
-def meta_episodes(args: argparse.Namespace, device: torch.device) -> list[list[MetaEpisode]]:
+def meta_episodes(args: argparse.Namespace, device: torch.device) -> list[list[Episode]]:
     """``repeats + 1`` meta-batches of ``ways``-way ``shots``-shot episodes."""
     gen = torch.Generator().manual_seed(1)
     batches = []
@@ -91,18 +93,19 @@ def meta_episodes(args: argparse.Namespace, device: torch.device) -> list[list[M
         for _ in range(args.meta_batch):
             sy = torch.arange(args.ways).repeat_interleave(args.shots)
             qy = torch.arange(args.ways).repeat_interleave(args.queries)
-            batch.append(MetaEpisode(TASK_TYPE, args.ways, _images(len(sy), args, gen).to(device), sy.to(device),
-                                     _images(len(qy), args, gen).to(device), qy.to(device)))
+            batch.append(Episode(_images(len(sy), args, gen).to(device), sy.to(device),
+                                 _images(len(qy), args, gen).to(device), qy.to(device), TASK_TYPE,
+                                 tuple(range(args.ways))))
         batches.append(batch)
     return batches
 
 
-def adapt_episodes_data(args: argparse.Namespace, device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """``episodes`` same-shaped (support_x, support_y, query_x) episodes."""
+def adapt_episodes_data(args: argparse.Namespace, device: torch.device) -> list[Episode]:
+    """``episodes`` same-shaped episodes (no query labels: adaptation never sees them)."""
     gen = torch.Generator().manual_seed(2)
     sy = torch.arange(args.ways).repeat_interleave(args.shots).to(device)
-    return [(_images(len(sy), args, gen).to(device), sy, _images(args.ways * args.queries, args, gen).to(device))
-            for _ in range(args.episodes)]
+    return [Episode(_images(len(sy), args, gen).to(device), sy, _images(args.ways * args.queries, args, gen).to(device),
+                    None, TASK_TYPE, tuple(range(args.ways))) for _ in range(args.episodes)]
 
 
 def _clone_connected(model: nn.Module) -> nn.Module:
@@ -130,7 +133,7 @@ class NaiveMAML:
         self.backbone, self.inner_steps, self.inner_lr, self.first_order = backbone, inner_steps, inner_lr, first_order
         self.optimizer = torch.optim.Adam(backbone.parameters(), lr=1e-3)
 
-    def meta_step(self, episodes: list[MetaEpisode]) -> float:
+    def meta_step(self, episodes: list[Episode]) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         self.backbone.train()
         total = 0.0
@@ -140,12 +143,12 @@ class NaiveMAML:
             w = ep.support_x.new_zeros(ep.num_outputs, width, requires_grad=True)
             b = ep.support_x.new_zeros(ep.num_outputs, requires_grad=True)
             for _ in range(self.inner_steps):
-                loss = task_loss(ep.task_type, F.linear(learner(ep.support_x), w, b), ep.support_y)
+                loss = ep.task_type.loss(F.linear(learner(ep.support_x), w, b), ep.support_y)
                 params = [p for m in learner.modules() for p in m._parameters.values() if p is not None]
                 grads = torch.autograd.grad(loss, params + [w, b], create_graph=not self.first_order)
                 _set_params(learner, [p - self.inner_lr * g for p, g in zip(params, grads)])
                 w, b = w - self.inner_lr * grads[-2], b - self.inner_lr * grads[-1]
-            query = task_loss(ep.task_type, F.linear(learner(ep.query_x), w, b), ep.query_y) / len(episodes)
+            query = ep.task_type.loss(F.linear(learner(ep.query_x), w, b), ep.query_y) / len(episodes)
             query.backward()
             total += query.item()
         self.optimizer.step()
@@ -231,15 +234,16 @@ def run_job(job: str, args: argparse.Namespace, device: torch.device, out_file: 
     episodes = adapt_episodes_data(args, device)
     kw = {"steps": args.steps, "lr": 1e-3}
     logits: list[Tensor] = []
+    seeds = list(range(len(episodes)))
     with PeakMemory(device) as mem:
         if rest == "batched":
-            adapt_many(model, TASK_TYPE, args.ways, episodes[:1], **kw)
-            elapsed = _timed(lambda: logits.extend(adapt_many(
-                model, TASK_TYPE, args.ways, episodes, seeds=range(len(episodes)), chunk_size=args.chunk_size, **kw)),
-                device)
+            fine_tune_many(model, episodes[:1], seeds=[0], **kw)
+            elapsed = _timed(lambda: logits.extend(fine_tune_many(model, episodes, seeds=seeds,
+                                                                  chunk_size=args.chunk_size, **kw)), device)
         else:
-            adapt_and_predict(model, TASK_TYPE, args.ways, *episodes[0], **kw)
-            elapsed = _timed(lambda: logits.extend(adapt_and_predict(model, TASK_TYPE, args.ways, *ep, seed=i, **kw)
+            work = WorkingCopy(model)
+            fine_tune(work, episodes[0], seed=0, **kw)
+            elapsed = _timed(lambda: logits.extend(fine_tune(work, ep, seed=i, **kw)
                                                    for i, ep in enumerate(episodes)), device)
     torch.save(torch.stack(logits).cpu(), out_file)
     return {"time_s": elapsed, "peak_bytes": mem.peak}
@@ -268,7 +272,7 @@ def measure_pair(jobs: tuple[str, str], argv: list[str], rounds: int, out_files:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["resnet18", "small"], default="resnet18",
-                   help="resnet18: medmeta.models.build_backbone('resnet18', stem='cifar'); small: a 4-block CNN")
+                   help="resnet18: medmeta.learning.models.build_backbone('resnet18', stem='cifar'); small: a 4-block CNN")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--size", type=int, default=28, help="image side in pixels (grey images)")
     p.add_argument("--episodes", type=int, default=100, help="episodes adapted in the adaptation benchmark")

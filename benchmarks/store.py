@@ -22,9 +22,9 @@ import yaml
 
 from memory import reset_peak, status_mib
 
-from medmeta.manifest import load_manifest
-from medmeta.store import Store
-from medmeta.tasks import MedMNISTTask
+from medmeta.data.manifest import load_manifest
+from medmeta.data.store import Store
+from medmeta.data.tasks import MedMNISTTask
 
 
 def smooth_images(rng: np.random.Generator, n: int, size: int) -> np.ndarray:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
-from medmeta.cli import USER_ERRORS
-from medmeta.config import load_config
-from medmeta.models import Classifier, build_backbone
-from medmeta.results import package_versions, write_atomic
-from medmeta.store import Store
-from medmeta.tasks import MedMNISTTask
-from medmeta.training import SupervisedConfig, evaluate_split, resolve_device, train_supervised
+from medmeta.data import MedMNISTTask, Store
+from medmeta.errors import MedmetaError
+from medmeta.evaluation.results import package_versions
+from medmeta.files import write_text_atomic
+from medmeta.learning.models import Classifier, build_backbone
+from medmeta.learning.runtime import evaluate_split, resolve_device
+from medmeta.learning.supervised import SupervisedConfig, train_supervised
+from medmeta.settings import apply_sets, merge, read_profile
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -31,7 +32,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 def main(argv: list[str] | None = None) -> dict:
     try:
         return run(argv)
-    except USER_ERRORS as exc:
+    except MedmetaError as exc:
         print(f"supervised: error: {exc}", file=sys.stderr)
         sys.exit(2)
 
@@ -51,7 +52,7 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in {"epochs": args.epochs, "size": args.size, "seed": args.seed}.items() if v is not None}
-    cfg = load_config(args.config, CONFIGS, overrides, args.set)
+    cfg = apply_sets(merge(read_profile(args.config, CONFIGS), overrides), args.set)
 
     store = Store(args.root)
     subset = store.manifest.resolve(args.dataset)
@@ -74,7 +75,7 @@ def run(argv: list[str] | None = None) -> dict:
                "val_auroc": best["val_auroc"], "val_acc": best["val_acc"],
                "test_auroc": test_scores["auroc"], "test_acc": test_scores["acc"],
                "seconds": time.perf_counter() - start, "history": best["history"], "versions": package_versions()}
-    write_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     print(f"{subset} {cfg['size']}px {cfg['arch']} ({cfg['stem']} stem), best epoch {best['epoch']}: "
           f"test AUROC {test_scores['auroc']:.3f}  ACC {test_scores['acc']:.3f}  ({results['seconds']:.0f} s) -> {out}")
     return results

@@ -10,17 +10,15 @@ import os
 import sys
 from pathlib import Path
 
-from .fetch import SOURCE_DIR_ENV, SourceError
-from .manifest import ManifestError, load_manifest
-from .store import ROOT_ENV, Store, StoreError
-from .tasks import describe_subset
-
-USER_ERRORS = (SourceError, StoreError, ManifestError, ValueError, KeyError, FileNotFoundError)
-"""Errors caused by input (arguments, files, config): reported in one line, exit status 2."""
+from .data.fetch import SOURCE_DIR_ENV
+from .data.manifest import MANIFEST_ENV, load_manifest
+from .data.store import ROOT_ENV, Store
+from .data.tasks import describe_subset
+from .errors import ConfigError, MedmetaError, StoreError
 
 
 def _store(args: argparse.Namespace) -> Store:
-    return Store(args.root, load_manifest(args.manifest) if args.manifest else None)
+    return Store(args.root, load_manifest(args.manifest))
 
 
 def _targets(store: Store, names: list[str], sizes: list[int] | None, source_dir: str | None,
@@ -29,15 +27,15 @@ def _targets(store: Store, names: list[str], sizes: list[int] | None, source_dir
     manifest = store.manifest
     if available:
         if not source_dir:
-            raise ValueError(f"--available needs --source-dir or ${SOURCE_DIR_ENV}")
+            raise ConfigError(f"--available needs --source-dir or ${SOURCE_DIR_ENV}")
         folder = Path(source_dir)
         if not folder.is_dir():
-            raise ValueError(f"--source-dir {folder} is not a folder")
+            raise ConfigError(f"--source-dir {folder} is not a folder")
         chosen = [manifest.resolve(n) for n in names] or list(manifest.subsets)
         return [(name, size) for name in chosen for size in manifest[name].sizes
                 if (sizes is None or size in sizes) and (folder / manifest[name].file(size).file).is_file()]
     if not names:
-        raise ValueError("name the subsets to prepare (e.g. `medmeta prepare retina breast`), 'all', or pass --available")
+        raise ConfigError("name the subsets to prepare (e.g. `medmeta prepare retina breast`), 'all', or pass --available")
     chosen = list(manifest.subsets) if names == ["all"] else [manifest.resolve(n) for n in names]
     return [(name, size) for name in chosen for size in (sizes or [28]) if size in manifest[name].sizes]
 
@@ -47,7 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
     targets = _targets(store, args.subsets, args.size, source_dir, args.available)
     if not targets:
-        raise ValueError("nothing to prepare: no matching official files found")
+        raise ConfigError("nothing to prepare: no matching official files found")
     for subset, size in targets:
         skipped = not args.force and store.is_built(subset, size)
         path = store.build(subset, size, source_dir=source_dir, download=not args.no_download, force=args.force)
@@ -94,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medmeta", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", default=None, help=f"store folder (default ${ROOT_ENV} or ~/.medmeta)")
-    common.add_argument("--manifest", default=None, help="manifest file (default: the bundled data_manifest.yaml)")
+    common.add_argument("--manifest", action="append", default=None,
+                        help=f"a manifest of your own datasets, merged with the bundled one (repeatable; or ${MANIFEST_ENV})")
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", parents=[common], help="fetch, verify and build subsets into the store")
     prep.add_argument("subsets", nargs="*", help="subset names (full or short, e.g. retina organa nodule3d) or 'all'")
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as exc:
+    except MedmetaError as exc:
         print(f"medmeta {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from medmeta.manifest import Manifest, load_manifest
-from medmeta.store import Store
+from medmeta.data.manifest import Manifest, load_manifest
+from medmeta.data.store import Store
 
 REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "medmnist"
 
@@ -84,7 +84,7 @@ def write_synthetic(folder: Path, specs: dict = SYNTHETIC_SPECS, seed: int = 0,
             files[size] = {"file": fname, "url": url_base + fname, "md5": md5}
             arrays[(name, size)] = data
         subsets[name] = {
-            "short_name": name.removeprefix("toy"), "dims": dims, "channels": channels,
+            "short_name": name.replace("toy", "t"), "dims": dims, "channels": channels,
             "task_type": task_type, "labels": labels,
             "splits": dict(zip(("train", "val", "test"), splits)),
             "modality": "synthetic", "domain": f"domain{i}", "source_dataset": "generated",
@@ -94,9 +94,23 @@ def write_synthetic(folder: Path, specs: dict = SYNTHETIC_SPECS, seed: int = 0,
            "exclusion_groups": {"pair": {"members": ["toybinary", "toyclass"], "reason": "test"}}}
     path = folder / "manifest.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return Synthetic(load_manifest(path), path, source, arrays)
+    return Synthetic(load_manifest(base=path), path, source, arrays)
 
 
 @pytest.fixture
 def synthetic(tmp_path: Path) -> Synthetic:
     return write_synthetic(tmp_path)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+def tiny_config(**dotted):
+    """The ``smoke`` profile (tiny budgets, CPU) with dotted-key overrides: ``tiny_config(**{"pretrain.lr": 1e-4})``."""
+    from medmeta.evaluation.config import load_experiment_config
+    from medmeta.settings import set_dotted
+
+    overrides: dict = {"device": "cpu"}
+    for key, value in dotted.items():
+        set_dotted(overrides, key, value)
+    return load_experiment_config("smoke", CONFIGS, overrides)

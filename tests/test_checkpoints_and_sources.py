@@ -8,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from medmeta.config import load_config, set_key
-from medmeta.models import build_backbone
-from medmeta.protocol import run_protocol
-from medmeta.store import Store
-from medmeta.tasks import MedMNISTTask
-from medmeta.training import MAMLConfig, MultiTaskPretrainer, PretrainConfig, train_maml
+from medmeta.data.store import Store
+from medmeta.data.tasks import MedMNISTTask
+from medmeta.evaluation import run_protocol
+from medmeta.learning.maml import MAMLConfig, train_maml
+from medmeta.learning.models import build_backbone
+from medmeta.learning.pretrain import MultiTaskPretrainer, PretrainConfig
 
-from .conftest import Synthetic
+from .conftest import Synthetic, tiny_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 CPU = torch.device("cpu")
 
 
@@ -61,13 +60,12 @@ def test_mmpt_checkpoint_of_another_config_is_refused_and_more_steps_resume(stor
     config = PretrainConfig(steps=2, batch_size=8, eval_every=2, val_max=12, bn_batches=1, checkpoint_every=2)
     ckpt = tmp_path / "mmpt.pt"
     MultiTaskPretrainer(_backbone(), train, val, config, CPU, checkpoint=ckpt).run()
-    other = PretrainConfig(**{**config.__dict__, "lr": 1e-4})
+    other = config.replace(lr=1e-4)
     with pytest.raises(ValueError, match=r"another training config \(lr: 0\.001 in the checkpoint, 0\.0001 now\)"):
         MultiTaskPretrainer(_backbone(), train, val, other, CPU, checkpoint=ckpt)
     with pytest.raises(ValueError, match="tasks: "):
         MultiTaskPretrainer(_backbone(), {"toychest": train["toychest"]}, val, config, CPU, checkpoint=ckpt)
-    longer = MultiTaskPretrainer(_backbone(), train, val, PretrainConfig(**{**config.__dict__, "steps": 4}), CPU,
-                                 checkpoint=ckpt)
+    longer = MultiTaskPretrainer(_backbone(), train, val, config.replace(steps=4), CPU, checkpoint=ckpt)
     assert longer.step == 2
 
 
@@ -80,19 +78,11 @@ def test_maml_with_a_multilabel_source_and_checkpoint_binding(store: Store, tmp_
     assert torch.load(tmp_path / "maml.pt", weights_only=False)["step"] == 2
     assert maml.backbone is not None
     with pytest.raises(ValueError, match=r"inner_lr: 0\.1 in the checkpoint, 0\.05 now"):
-        train_maml(_backbone(), train, MAMLConfig(**{**config.__dict__, "inner_lr": 0.05}), CPU,
-                   checkpoint=tmp_path / "maml.pt")
+        train_maml(_backbone(), train, config.replace(inner_lr=0.05), CPU, checkpoint=tmp_path / "maml.pt")
 
 
-def _tiny(**overrides) -> dict:
-    sets = ["episodes.count=3", "episodes.queries=2", "episodes.shots=2", "adaptation.steps=2", "pretrain.steps=2",
-            "pretrain.eval_every=2", "pretrain.batch_size=8", "pretrain.val_max=12", "pretrain.bn_batches=1",
-            "maml.steps=2", "maml.meta_batch=2", "maml.inner_steps=1", "maml.max_shot=2", "maml.n_query=2",
-            "maml.test_steps=2", "device=cpu"]
-    cfg = load_config("default", CONFIGS, sets=sets)
-    for key, value in overrides.items():
-        set_key(cfg, key, value)
-    return cfg
+def _tiny(**overrides):
+    return tiny_config(**{"episodes.queries": 2, "episodes.shots": 2, **overrides})
 
 
 def test_multilabel_target_and_source_through_the_protocol(synthetic: Synthetic, tmp_path: Path) -> None:
@@ -122,7 +112,7 @@ def test_a_changed_training_config_trains_afresh_in_the_same_folder(synthetic: S
     changed = _tiny(target="toyordinal", methods=["mmpt"], sources=["toychest"],
                     **{"episodes.min_class_samples": None, "pretrain.lr": 1e-4})
     run_protocol(changed, out, root=root, source_dir=src, manifest=synthetic.manifest)
-    runs = sorted(p.parent for p in (out / "mmpt").glob("*/checkpoint.pt"))
+    runs = sorted(p.parent for p in (out / "pretrained").glob("mmpt-*/checkpoint.pt"))
     assert len(runs) == 2
     configs = [torch.load(p / "checkpoint.pt", weights_only=False)["identity"]["lr"] for p in runs]
     assert sorted(configs) == [1e-4, 1e-3]

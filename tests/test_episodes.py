@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medmeta import episodes as episodes_module
-from medmeta.episodes import (BLOCK, Episode, EpisodeDataset, EpisodeSampler, EpisodeSpec,
-                              MultiTaskEpisodeSampler, _distinct, collate_episode, iter_episodes,
-                              load_episode_set, materialise, save_episode_set)
-from medmeta.manifest import SPLITS, parse_manifest
-from medmeta.store import Store
-from medmeta.tasks import MedMNISTTask
+from medmeta.episodes import (BLOCK, Episode, EpisodeDataset, EpisodeSampler, EpisodeSpec, MultiTaskEpisodeSampler,
+                              collate_episode, load_episode_set, materialise, save_episode_set)
+from medmeta.episodes import loading as loading_module
+from medmeta.episodes.sampling import _distinct
+from medmeta.data.manifest import SPLITS, parse_manifest
+from medmeta.data.store import Store
+from medmeta.data.tasks import MedMNISTTask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_every_class_exactly_k_support_and_q_query(real: Store) -> None:
     for ep in episodes:
         _check_single_label(ep, ds, k, q)
         assert ep.support_x.shape == (3 * k, 3, 28, 28) and ep.query_x.shape == (3 * q, 3, 28, 28)
-        assert ep.num_outputs == ep.n_way == 3 and ep.task.task_id == "retinamnist" and ep.split == "train"
+        assert ep.num_outputs == ep.n_way == 3 and ep.task_id == "retinamnist" and ep.split == "train"
     ep = episodes[17]
     x, _ = ds.get_batch(ep.support_indices)
     assert torch.equal(ep.support_x, x)
@@ -218,10 +218,11 @@ class _LabelsOnly:
     """A dataset with labels only: enough for samplers to draw episode specs."""
 
     def __init__(self, task_type: str, labels: np.ndarray) -> None:
-        from medmeta.tasks import TaskDescription
+        from medmeta.data.tasks import TaskDescription
+        from medmeta.tasktype import TaskType
 
         names = tuple(f"label{i}" for i in range(labels.shape[1] if labels.ndim == 2 else labels.max() + 1))
-        self.task = TaskDescription("fake", "fake", task_type, names, "d", "m", 1, 28, 2)
+        self.task = TaskDescription("fake", "fake", TaskType(task_type), names, "d", "m", 1, 28, 2)
         self.split, self.labels = "train", labels
 
     def __len__(self) -> int:
@@ -292,8 +293,8 @@ def test_episode_is_a_pure_function_of_its_index(real: Store) -> None:
 
 _CHILD = """
 import sys, zlib, numpy as np
-from medmeta.store import Store
-from medmeta.tasks import MedMNISTTask
+from medmeta.data.store import Store
+from medmeta.data.tasks import MedMNISTTask
 from medmeta.episodes import EpisodeSampler, MultiTaskEpisodeSampler
 store = Store(sys.argv[1])
 retina, breast = MedMNISTTask(store, "retina", "train"), MedMNISTTask(store, "breast", "train")
@@ -352,7 +353,7 @@ def test_hdf5_and_piecewise_reads_give_the_same_episodes(real: Store, monkeypatc
     disk = MedMNISTTask(real, "retina", "train", in_memory=False)
     sampler = EpisodeSampler(memory, 3, 5, 10, n_episodes=6, seed=8)
     reference = list(sampler.episodes())
-    monkeypatch.setattr(episodes_module, "CHUNK_BYTES", 5 * 4 * 3 * 28 * 28)  # 5 images per piece
+    monkeypatch.setattr(loading_module, "CHUNK_BYTES", 5 * 4 * 3 * 28 * 28)  # 5 images per piece
     for got in (list(EpisodeSampler(disk, 3, 5, 10, n_episodes=6, seed=8).episodes()),
                 list(sampler.episodes()), list(sampler.loader())):
         for a, b in zip(got, reference, strict=True):
@@ -363,9 +364,9 @@ def test_hdf5_and_piecewise_reads_give_the_same_episodes(real: Store, monkeypatc
 
 def test_device_and_pin(real: Store) -> None:
     ds = MedMNISTTask(real, "retina", "train")
-    ep = next(iter_episodes(ds, 2, 1, 1, n_episodes=2, device="meta"))
+    ep = next(EpisodeSampler(ds, 2, 1, 1, n_episodes=2).episodes(device="meta"))
     assert ep.support_x.device.type == "meta" and ep.query_y.device.type == "meta"
-    cpu = next(iter_episodes(ds, 2, 1, 1, n_episodes=2))
+    cpu = next(EpisodeSampler(ds, 2, 1, 1, n_episodes=2).episodes())
     assert cpu.to("meta").support_x.device.type == "meta" and cpu.support_x.device.type == "cpu"
     if torch.cuda.is_available():
         assert cpu.pin_memory().support_x.is_pinned()
@@ -418,10 +419,10 @@ def test_multi_task_weights_and_variable_episodes(real: Store, synth: Store) -> 
     ways, shots = set(), set()
     episodes = list(sampler.episodes())
     for ep in episodes:
-        ds = next(d for d in datasets if d.task == ep.task)
+        ds = next(d for d in datasets if d.task.task_id == ep.task_id)
         k = len(ep.support_indices) // len(ep.classes)
         _check_single_label(ep, ds, k, 5)
-        ways.add((ep.task.task_id, len(ep.classes)))
+        ways.add((ep.task_id, len(ep.classes)))
         shots.add(k)
     assert shots == set(range(1, 11))
     assert {w for t, w in ways if t == "sixway"} == {2, 3, 4, 5, 6}

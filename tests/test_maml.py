@@ -10,8 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medmeta.adaptation import task_loss
-from medmeta.maml import MAML, MetaEpisode, inner_adapt, maml_loss
+from medmeta.episodes import Episode
+from medmeta.learning.maml import MAML, inner_adapt, maml_loss
+from medmeta.tasktype import TaskType
+
+
+def task_loss(task_type: TaskType, logits: Tensor, y: Tensor) -> Tensor:
+    return task_type.loss(logits, y)
+
+
+def meta_episode(task_type: str, num_outputs: int, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Episode:
+    tt = TaskType(task_type)
+    return Episode(sx, sy, qx, qy, tt, (0, 1) if tt.binary else tuple(range(num_outputs)))
 
 
 class SmallNet(nn.Module):
@@ -40,7 +50,7 @@ def ref_features(p: dict[str, Tensor], x: Tensor) -> Tensor:
     return F.linear(F.relu(h).mean((2, 3)), p["fc.weight"], p["fc.bias"])
 
 
-def ref_inner(p: dict[str, Tensor], ep: MetaEpisode, steps: int, lr: dict[str, Tensor] | float,
+def ref_inner(p: dict[str, Tensor], ep: Episode, steps: int, lr: dict[str, Tensor] | float,
               create_graph: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Unrolled inner SGD with torch.autograd.grad from a zero head."""
     fast = dict(p)
@@ -58,13 +68,13 @@ def ref_inner(p: dict[str, Tensor], ep: MetaEpisode, steps: int, lr: dict[str, T
     return fast, head
 
 
-def ref_query_loss(fast: dict[str, Tensor], head: dict[str, Tensor], ep: MetaEpisode) -> Tensor:
+def ref_query_loss(fast: dict[str, Tensor], head: dict[str, Tensor], ep: Episode) -> Tensor:
     logits = F.linear(ref_features(fast, ep.query_x), head["weight"], head["bias"])
     return task_loss(ep.task_type, logits, ep.query_y)
 
 
 def make_episode(task_type: str, n: int, shots: int, gen: torch.Generator,
-                 dtype: torch.dtype = torch.float64, size: int = 4) -> MetaEpisode:
+                 dtype: torch.dtype = torch.float64, size: int = 4) -> Episode:
     """Random episode: n classes (labels for multi-label), ``shots`` support and 3 queries per class."""
     def labels(count: int) -> Tensor:
         if task_type == "multi-label":
@@ -74,17 +84,17 @@ def make_episode(task_type: str, n: int, shots: int, gen: torch.Generator,
 
     ns, nq = shots * n, 3 * n
     # Small, high-variance images so pooled features differ and meta-gradients are not ~0.
-    return MetaEpisode(task_type, 1 if task_type == "binary" else n,
+    return meta_episode(task_type, 1 if task_type == "binary" else n,
                        2 * torch.randn(ns, 1, size, size, generator=gen, dtype=dtype), labels(ns),
                        2 * torch.randn(nq, 1, size, size, generator=gen, dtype=dtype), labels(nq))
 
 
-def episodes_pair(seed: int = 0) -> list[MetaEpisode]:
+def episodes_pair(seed: int = 0) -> list[Episode]:
     gen = torch.Generator().manual_seed(seed)
     return [make_episode("multi-class", 3, 2, gen), make_episode("multi-class", 5, 1, gen)]
 
 
-def mixed_episodes(seed: int = 0) -> list[MetaEpisode]:
+def mixed_episodes(seed: int = 0) -> list[Episode]:
     gen = torch.Generator().manual_seed(seed)
     return [make_episode("binary", 2, 3, gen), make_episode("multi-label", 3, 2, gen),
             make_episode("ordinal", 4, 2, gen)]
@@ -180,7 +190,7 @@ def test_inner_adapt_zero_head_and_first_order_detaches() -> None:
     assert torch.equal(g, torch.ones_like(g))
 
 
-def quadrant_episode(gen: torch.Generator, n: int = 3, shots: int = 2, queries: int = 4) -> MetaEpisode:
+def quadrant_episode(gen: torch.Generator, n: int = 3, shots: int = 2, queries: int = 4) -> Episode:
     """Toy task: class c lights quadrant perm[c]; the class-to-quadrant map changes per episode."""
     perm = torch.randperm(4, generator=gen)[:n]
 
@@ -194,7 +204,7 @@ def quadrant_episode(gen: torch.Generator, n: int = 3, shots: int = 2, queries: 
 
     sx, sy = draw(shots)
     qx, qy = draw(queries)
-    return MetaEpisode("multi-class", n, sx, sy, qx, qy)
+    return meta_episode("multi-class", n, sx, sy, qx, qy)
 
 
 class ToyNet(nn.Module):
@@ -262,25 +272,25 @@ def test_maml_adapt_and_predict(bn_train: bool) -> None:
     before = copy.deepcopy(net.state_dict())
     maml = MAML(net, bn_train=bn_train, test_steps=8)
     ep = quadrant_episode(torch.Generator().manual_seed(4))
-    logits = maml.adapt_and_predict(ep.task_type, ep.num_outputs, ep.support_x, ep.support_y, ep.query_x)
+    logits = maml.adapt_and_predict(ep)
     assert logits.shape == (len(ep.query_y), 3) and not logits.requires_grad
-    again = maml.adapt_and_predict(ep.task_type, ep.num_outputs, ep.support_x, ep.support_y, ep.query_x)
+    again = maml.adapt_and_predict(ep)
     assert torch.equal(logits, again)
-    zero_steps = maml.adapt_and_predict(ep.task_type, ep.num_outputs, ep.support_x, ep.support_y, ep.query_x, steps=0)
+    zero_steps = maml.adapt_and_predict(ep, steps=0)
     assert not zero_steps.any()  # zero head
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
 def test_resnet18_meta_step_runs() -> None:
-    models = pytest.importorskip("medmeta.models")
+    models = pytest.importorskip("medmeta.learning.models")
     torch.manual_seed(0)
     maml = MAML(models.build_backbone("resnet18", stem="cifar"), inner_steps=1)
     gen = torch.Generator().manual_seed(0)
-    ep = MetaEpisode("binary", 1, torch.rand(2, 1, 28, 28, generator=gen), torch.tensor([0, 1]),
+    ep = meta_episode("binary", 1, torch.rand(2, 1, 28, 28, generator=gen), torch.tensor([0, 1]),
                      torch.rand(2, 1, 28, 28, generator=gen), torch.tensor([0, 1]))
     w0 = maml.backbone.conv1.weight.detach().clone()
     assert math.isfinite(maml.meta_step([ep]))
     assert not torch.equal(w0, maml.backbone.conv1.weight)
-    logits = maml.adapt_and_predict("binary", 1, ep.support_x, ep.support_y, ep.query_x, steps=2)
+    logits = maml.adapt_and_predict(ep, steps=2)
     assert logits.shape == (2, 1)

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medmeta.fetch import md5sum
-from medmeta.manifest import DEFAULT_MANIFEST, ManifestError, load_manifest, parse_manifest
+from medmeta.data.fetch import md5sum
+from medmeta.data.manifest import DEFAULT_MANIFEST, load_manifest, parse_manifest
+from medmeta.errors import ManifestError
 
 REFERENCE_SPLITS = {  # reference.md section 1, current release
     "pathmnist": (89996, 10004, 7180), "chestmnist": (78468, 11219, 22433), "retinamnist": (1080, 120, 400),
@@ -30,7 +31,7 @@ def test_bundled_manifest_covers_every_subset_and_size() -> None:
     assert m["retina"].task_type == "ordinal" and m["path"].labels[0] == "adipose"
     assert m["derma"].license == "CC BY-NC 4.0"
     assert m["organa"].file(224).file == "organamnist_224.npz"
-    with pytest.raises(ValueError, match="no official size 128"):
+    with pytest.raises(ValueError, match="has no file at size 128"):
         m["nodule3d"].file(128)
 
 

@@ -5,7 +5,20 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 
-from medmeta.metrics import accuracy, auroc, evaluate, mean_ci
+from medmeta.evaluation.metrics import mean_ci
+from medmeta.tasktype import TaskType
+
+
+def auroc(task_type, y, z):
+    return TaskType(task_type).auroc(y, z)
+
+
+def accuracy(task_type, y, z):
+    return TaskType(task_type).accuracy(y, z)
+
+
+def evaluate(task_type, y, z):
+    return TaskType(task_type).evaluate(y, z)
 
 
 def expit(x):
@@ -154,7 +167,7 @@ def test_large_logits_do_not_create_ties():
 @pytest.mark.parametrize(
     "task_type, y, z, match",
     [
-        ("regression", [0, 1], [0.0, 1.0], "task_type"),
+        ("regression", [0, 1], [0.0, 1.0], "not a valid TaskType"),
         ("binary", [0, 1], [[0.0, 1.0], [1.0, 0.0]], "one logit"),
         ("binary", [0, 2], [0.0, 1.0], "only 0 and 1"),
         ("binary", [0, 1, 1], [0.0, 1.0], "shape"),
@@ -187,7 +200,7 @@ def test_mean_ci_hand_computed():
 
 
 def test_paired_difference_hand_computed():
-    from medmeta.metrics import paired_difference
+    from medmeta.evaluation.metrics import paired_difference
 
     a = [0.70, 0.60, float("nan"), 0.90]
     b = [0.60, 0.65, 0.50, 0.80]
@@ -205,7 +218,7 @@ def test_paired_difference_hand_computed():
 
 
 def test_summary_counts_episodes_with_a_defined_auroc():
-    from medmeta.results import summarise
+    from medmeta.evaluation.results import summarise
 
     per_episode = [{"auroc": 0.8, "acc": 0.7}, {"auroc": float("nan"), "acc": 0.5}, {"auroc": 0.6, "acc": 0.9}]
     s = summarise(per_episode)
@@ -214,7 +227,7 @@ def test_summary_counts_episodes_with_a_defined_auroc():
 
 
 def test_table_shows_paired_differences_and_identical_methods():
-    from medmeta.results import add_paired_differences, format_table, summarise
+    from medmeta.evaluation.results import add_paired_differences, format_table, summarise
 
     def method(values):
         per = [{"episode": i, "auroc": v, "acc": v} for i, v in enumerate(values)]

@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from medmeta.models import (
+from medmeta.errors import ConfigError, MethodError
+from medmeta.learning.models import (
     Classifier,
     MultiHeadModel,
     build_backbone,
@@ -152,9 +153,9 @@ def test_backbone_state_dict_round_trip(tmp_path, dims, stem):
 
 def test_bad_local_weights(tmp_path):
     missing = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(ConfigError, match="nope.pth"):
         build_backbone(weights=missing)
-    with pytest.raises(FileNotFoundError, match="imagnet"):
+    with pytest.raises(ConfigError, match="imagnet"):
         build_backbone(weights="imagnet")  # a typo is reported as a missing file, not ignored
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
@@ -177,7 +178,7 @@ def test_imagenet_download_failure_is_explained(monkeypatch):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="could not be downloaded") as info:
+    with pytest.raises(MethodError, match="could not be downloaded") as info:
         build_backbone("resnet18", weights="imagenet")
     msg = str(info.value)
     assert "resnet18-f37072fd.pth" in msg and "--weights" in msg and "weights=None" in msg

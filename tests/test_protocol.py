@@ -8,25 +8,28 @@ import numpy as np
 import pytest
 import torch
 
-from medmeta.config import load_config, set_key
-from medmeta.protocol import make_backbone, run_protocol, source_datasets
-from medmeta.store import Store
-from medmeta.training import MAMLConfig, MultiTaskPretrainer, PretrainConfig, train_maml
+from medmeta.data.store import Store
+from medmeta.data.tasks import MedMNISTTask
+from medmeta.errors import ConfigError, MethodError
+from medmeta.evaluation import run_protocol
+from medmeta.learning.maml import MAMLConfig, train_maml
+from medmeta.learning.models import build_backbone
+from medmeta.learning.pretrain import MultiTaskPretrainer, PretrainConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+from .conftest import tiny_config
 
 
-def tiny_config(**overrides) -> dict:
-    sets = ["episodes.count=3", "adaptation.steps=2", "pretrain.steps=6", "pretrain.eval_every=3",
-            "pretrain.batch_size=16", "pretrain.val_max=64", "pretrain.checkpoint_every=3", "device=cpu"]
-    cfg = load_config("default", CONFIGS, sets=sets)
-    for key, value in overrides.items():
-        set_key(cfg, key, value)
-    return cfg
+def make_backbone() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_backbone("resnet18", stem="imagenet")
+
+
+def source_datasets(store: Store, names: list[str], split: str) -> dict[str, MedMNISTTask]:
+    return {n: MedMNISTTask(store, n, split) for n in names}
 
 
 def test_results_schema_cache_and_episode_set(tmp_path: Path, real_store: Store, real_dir: Path, capsys) -> None:
-    cfg = tiny_config(target="breast", sources=["retina"])
+    cfg = tiny_config(target="breast", sources=["retina"], methods=["scratch", "mmpt"])
     out = tmp_path / "run"
     results = run_protocol(cfg, out, root=str(real_store.root), source_dir=str(real_dir))
     saved = json.loads((out / "results.json").read_text())
@@ -36,6 +39,7 @@ def test_results_schema_cache_and_episode_set(tmp_path: Path, real_store: Store,
     for method in ("scratch", "mmpt"):
         m = saved["methods"][method]
         assert set(m["summary"]) == {"auroc", "auroc_ci95", "acc", "acc_ci95", "episodes", "episodes_auroc"}
+        assert m["settings"]["init"]["name"] == method
         assert [e["episode"] for e in m["per_episode"]] == [0, 1, 2]
         assert all(0.0 <= e["auroc"] <= 1.0 and 0.0 <= e["acc"] <= 1.0 for e in m["per_episode"])
         assert m["summary"]["auroc"] == pytest.approx(np.mean([e["auroc"] for e in m["per_episode"]]))
@@ -58,7 +62,8 @@ def test_results_schema_cache_and_episode_set(tmp_path: Path, real_store: Store,
         run_protocol(tiny_config(target="breast", sources=["retina"], **{"episodes.count": 5}), out,
                      root=str(real_store.root), source_dir=str(real_dir))
     # An episode set of another target is refused.
-    other = tiny_config(target="retina", methods=["scratch"], **{"episodes.file": str(out / "episodes_breastmnist_28px_5shot.json")})
+    other = tiny_config(target="retina", methods=["scratch"],
+                        **{"episodes.file": str(out / "episodes_breastmnist_28px_5shot.json")})
     with pytest.raises(ValueError, match="does not match the dataset"):
         run_protocol(other, tmp_path / "other", root=str(real_store.root), source_dir=str(real_dir))
 
@@ -68,25 +73,27 @@ def test_results_schema_cache_and_episode_set(tmp_path: Path, real_store: Store,
     ({"target": "organa", "sources": ["organc"]}, "not allowed for target organamnist"),
     ({"target": "adrenal3d", "sources": "available"}, "target adrenalmnist3d has no allowed source subsets"),
     ({"target": "adrenal3d", "methods": ["imagenet"]}, "method imagenet needs a 2D target"),
-    ({"methods": ["protonet"]}, "unknown methods"),
+    ({"methods": ["protonet"]}, "unknown method 'protonet'"),
+    ({"methods": ["mmpt+protonet"]}, "unknown adaptation rule 'protonet'"),
+    ({"methods": ["no_such_module:Rule"]}, "cannot import 'no_such_module'"),
 ])
 def test_bad_experiments_fail_clearly(tmp_path: Path, real_dir: Path, overrides: dict, message: str) -> None:
     # With an empty source folder and store, no allowed source of adrenal3d is available.
     empty = tmp_path / "empty"
     empty.mkdir()
     source_dir = str(empty) if overrides.get("sources") == "available" else str(real_dir)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ConfigError, MethodError), match=message):
         run_protocol(tiny_config(**overrides), tmp_path / "out", root=str(tmp_path / "root"), source_dir=source_dir)
 
 
 def test_mmpt_resumes_exactly_after_interruption(tmp_path: Path, real_store: Store) -> None:
-    cfg = tiny_config()
-    train = source_datasets(real_store, ["breastmnist", "retinamnist"], 28, "train")
-    val = source_datasets(real_store, ["breastmnist", "retinamnist"], 28, "val")
-    config = PretrainConfig(steps=8, batch_size=8, eval_every=4, checkpoint_every=2, val_max=32, patience=10)
+    train = source_datasets(real_store, ["breastmnist", "retinamnist"], "train")
+    val = source_datasets(real_store, ["breastmnist", "retinamnist"], "val")
+    config = PretrainConfig(steps=8, batch_size=8, eval_every=4, checkpoint_every=2, val_max=32, patience=10,
+                            bn_batches=2)
 
     def trainer(ckpt: Path) -> MultiTaskPretrainer:
-        return MultiTaskPretrainer(make_backbone(cfg, 2), train, val, config, torch.device("cpu"), checkpoint=ckpt)
+        return MultiTaskPretrainer(make_backbone(), train, val, config, torch.device("cpu"), checkpoint=ckpt)
 
     straight = trainer(tmp_path / "a.pt")
     straight.run()
@@ -102,30 +109,30 @@ def test_mmpt_resumes_exactly_after_interruption(tmp_path: Path, real_store: Sto
     assert resumed.step == 4
     resumed.run()
     assert resumed.history == straight.history
+    assert resumed.seconds > 0
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 def test_maml_resumes_exactly_after_interruption(tmp_path: Path, real_store: Store) -> None:
-    train = source_datasets(real_store, ["breastmnist", "retinamnist"], 28, "train")
+    train = source_datasets(real_store, ["breastmnist", "retinamnist"], "train")
     config = MAMLConfig(steps=4, meta_batch=2, inner_steps=1, max_shot=2, n_query=2, checkpoint_every=1,
                         first_order=True)
-    cfg = tiny_config()
 
-    straight = train_maml(make_backbone(cfg, 2), train, config, torch.device("cpu"), checkpoint=tmp_path / "a.pt")
+    straight = train_maml(make_backbone(), train, config, torch.device("cpu"), checkpoint=tmp_path / "a.pt")
 
     def crash(step: int) -> None:
         if step == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_maml(make_backbone(cfg, 2), train, config, torch.device("cpu"), checkpoint=tmp_path / "b.pt",
+        train_maml(make_backbone(), train, config, torch.device("cpu"), checkpoint=tmp_path / "b.pt",
                    on_step=crash)
     assert torch.load(tmp_path / "b.pt", weights_only=False)["step"] == 2
-    resumed = train_maml(make_backbone(cfg, 2), train, config, torch.device("cpu"), checkpoint=tmp_path / "b.pt")
+    resumed = train_maml(make_backbone(), train, config, torch.device("cpu"), checkpoint=tmp_path / "b.pt")
     for (name, a), b in zip(straight.backbone.state_dict().items(), resumed.backbone.state_dict().values()):
         assert torch.equal(a, b), name
-    before = {k: v.clone() for k, v in make_backbone(cfg, 2).state_dict().items()}
+    before = {k: v.clone() for k, v in make_backbone().state_dict().items()}
     assert any(not torch.equal(before[k], v) for k, v in straight.backbone.state_dict().items())
 
 
@@ -136,7 +143,7 @@ def test_imagenet_method_local_weights_and_offline_error(tmp_path: Path, real_st
 
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    cfg = tiny_config(target="breast", methods=["imagenet"], **{"model.weights": str(weights)})
+    cfg = tiny_config(target="breast", methods=["imagenet"], **{"model.imagenet_weights": str(weights)})
     results = run_protocol(cfg, tmp_path / "local", root=str(real_store.root), source_dir=str(real_dir))
     assert results["methods"]["imagenet"]["summary"]["episodes"] == 3
 
@@ -144,13 +151,13 @@ def test_imagenet_method_local_weights_and_offline_error(tmp_path: Path, real_st
         raise URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    with pytest.raises(RuntimeError, match="could not be downloaded.*local weights file"):
+    with pytest.raises(MethodError, match="could not be downloaded.*local weights file"):
         run_protocol(tiny_config(target="breast", methods=["imagenet"]), tmp_path / "offline",
                      root=str(real_store.root), source_dir=str(real_dir))
 
 
 def test_3d_target_pretrains_on_3d_sources(tmp_path: Path, real_store: Store, real_dir: Path) -> None:
-    cfg = tiny_config(target="adrenal3d", sources="available",
+    cfg = tiny_config(target="adrenal3d", sources="available", methods=["scratch", "mmpt"],
                       **{"pretrain.batch_size": 8, "pretrain.steps": 2, "pretrain.eval_every": 2})
     results = run_protocol(cfg, tmp_path / "run", root=str(real_store.root), source_dir=str(real_dir))
     assert results["sources"] == ["vesselmnist3d"]  # organ3d is excluded (abdominal CT) and 2D files never mix
@@ -160,14 +167,14 @@ def test_3d_target_pretrains_on_3d_sources(tmp_path: Path, real_store: Store, re
 
 
 def test_missing_source_offline_is_named_with_what_to_do(tmp_path: Path, real_dir: Path, monkeypatch) -> None:
-    from medmeta import fetch
-    from medmeta.fetch import SourceError
+    from medmeta.data import fetch
+    from medmeta.errors import SourceError
 
     def offline(entry, cache_dir):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(fetch, "_download", offline)
-    cfg = tiny_config(target="breast", sources=["path"])
+    cfg = tiny_config(target="breast", sources=["path"], methods=["mmpt"])
     with pytest.raises(SourceError, match=r"could not download pathmnist\.npz .*--source-dir"):
         run_protocol(cfg, tmp_path / "out", root=str(tmp_path / "root"), source_dir=str(real_dir))
     assert not (tmp_path / "root" / "store" / "pathmnist_28.h5").exists()

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from medmeta import store as store_module
-from medmeta.fetch import SourceError
-from medmeta.store import Store, StoreError
-from medmeta.tasks import MedMNISTTask, find_task, list_tasks
+from medmeta.data import store as store_module
+from medmeta.errors import SourceError
+from medmeta.data.store import Store
+from medmeta.errors import StoreError
+from medmeta.data.tasks import MedMNISTTask, find_task, list_tasks
 
 from .conftest import SYNTHETIC_SPECS, Synthetic, write_synthetic
 
@@ -136,7 +137,7 @@ def test_bad_sources_are_refused_and_store_unchanged(tmp_path: Path, kind: str, 
     good.build("toybinary", 28, source_dir=syn.source_dir)
     before = good.path("toybinary", 28).read_bytes()
     _corrupt(kind, syn)
-    from medmeta.manifest import load_manifest
+    from medmeta.data.manifest import load_manifest
 
     store = Store(tmp_path / "root", load_manifest(syn.manifest_path))
     with pytest.raises(SourceError, match=message) as err:
@@ -182,7 +183,7 @@ def test_verify_detects_damaged_store(tmp_path: Path, synthetic: Synthetic) -> N
 
 def _read_items(args: tuple[str, str, list[int]]) -> list[np.ndarray]:
     root, manifest_path, indices = args
-    from medmeta.manifest import load_manifest
+    from medmeta.data.manifest import load_manifest
 
     ds = MedMNISTTask(Store(root, load_manifest(manifest_path)), "toyclass", "train", size=64, in_memory=False)
     return [ds[i][0].numpy() for i in indices]

@@ -1,21 +1,20 @@
 """Learning actually happens: short runs on the real MedMNIST files."""
 from __future__ import annotations
 
-from pathlib import Path
+import copy
 
 import numpy as np
 import pytest
 import torch
 
-from medmeta.config import load_config
+from medmeta.data.store import Store
+from medmeta.data.tasks import MedMNISTTask
 from medmeta.episodes import EpisodeSampler, task_probabilities
-from medmeta.models import Classifier, build_backbone
-from medmeta.protocol import evaluate_backbone, make_backbone
-from medmeta.store import Store
-from medmeta.tasks import MedMNISTTask
-from medmeta.training import MultiTaskPretrainer, PretrainConfig, SupervisedConfig, train_supervised
-
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+from medmeta.evaluation.protocol import Target, evaluate_method
+from medmeta.learning.models import Classifier, build_backbone
+from medmeta.learning.pretrain import MultiTaskPretrainer, PretrainConfig
+from medmeta.learning.supervised import SupervisedConfig, train_supervised
+from medmeta.methods import LinearProbe, Method, Scratch
 
 
 def test_supervised_training_is_far_above_chance(real_store: Store) -> None:
@@ -44,16 +43,19 @@ def test_adaptation_after_mmpt_beats_scratch(real_store: Store) -> None:
     """Features pretrained on OrganAMNIST's training split must adapt far better to 11-way
     5-shot OrganAMNIST test episodes than random features: if this fails, pretraining is not
     reaching the adaptation step. (The protocol itself never pretrains on its target.)"""
-    cfg = load_config("default", CONFIGS, sets=["adaptation.head_only=true", "adaptation.steps=50", "adaptation.chunk=4"])
     train = {"organamnist": MedMNISTTask(real_store, "organa", "train")}
     val = {"organamnist": MedMNISTTask(real_store, "organa", "val")}
     config = PretrainConfig(steps=100, batch_size=64, eval_every=100, val_max=300)
-    pretrained = MultiTaskPretrainer(make_backbone(cfg, 2), train, val, config, torch.device("cpu")).run()
-    target = MedMNISTTask(real_store, "organa", "test")
-    episodes = EpisodeSampler(target, n_way="all", k_shot=5, n_query=10, n_episodes=8, seed=0).episode_set()
+    torch.manual_seed(0)
+    scratch = build_backbone("resnet18", stem="imagenet")
+    pretrained = MultiTaskPretrainer(copy.deepcopy(scratch), train, val, config, torch.device("cpu")).run()
+    dataset = MedMNISTTask(real_store, "organa", "test")
+    sampler = EpisodeSampler(dataset, n_way="all", k_shot=5, n_query=10, n_episodes=8, seed=0)
+    target = Target(dataset, sampler.episode_set(), ())
+    probe = Method(Scratch(), LinearProbe())
     scores = {}
-    for name, backbone in (("scratch", make_backbone(cfg, 2)), ("mmpt", pretrained)):
-        per_episode = evaluate_backbone(backbone, target, episodes, cfg, torch.device("cpu"), name)
+    for name, backbone in (("scratch", scratch), ("mmpt", pretrained)):
+        per_episode = evaluate_method(probe, backbone, target, seed=0, device=torch.device("cpu"))
         scores[name] = float(np.mean([e["auroc"] for e in per_episode]))
     assert scores["mmpt"] > scores["scratch"] + 0.08, scores
     assert scores["mmpt"] > 0.9, scores

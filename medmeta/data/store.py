@@ -23,9 +23,10 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__
+from .. import __version__
+from ..errors import StoreError
+from ..files import atomic_path
 from .fetch import fetch, iter_npz_rows, npz_array_shape
-from .files import atomic_path
 from .manifest import SPLITS, Manifest, load_manifest
 
 ROOT_ENV = "MEDMETA_ROOT"
@@ -33,10 +34,6 @@ FORMAT_VERSION = 1
 CHUNK_BYTES = 64 * 2**10
 BUILD_BLOCK_BYTES = 64 * 2**20
 _TMP = re.compile(r"^\.(?P<name>.+\.h5)\.(?P<pid>\d+)\.tmp$")
-
-
-class StoreError(RuntimeError):
-    """A store file is missing, stale or fails verification."""
 
 
 def default_root() -> Path:

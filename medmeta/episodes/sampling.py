@@ -1,4 +1,4 @@
-"""Few-shot episodes: support and query sets sampled reproducibly from tasks.
+"""Episodic samplers: support and query indices drawn reproducibly from tasks.
 
 An episode is a pure function of (task, split, seed, episode index) and the sampler's
 settings. Indices are drawn in blocks of ``BLOCK`` episodes from one generator seeded with
@@ -8,15 +8,7 @@ transform is applied per image and nothing depends on the process or the number 
 DataLoader workers. Fixed evaluation sets are stored as JSON lists of indices
 (``save_episode_set``), which also protects them from changes in numpy's random streams.
 
-Label conventions (what heads and losses downstream rely on):
-
-- binary: ``y`` int64 in {0, 1}, ``classes == (0, 1)``, always K negatives and K positives;
-- multi-class and ordinal: ``y`` int64 in 0..N-1, episode class i is original class
-  ``classes[i]``; chosen classes are kept in ascending order, so ordinal grades keep their order;
-- multi-label: ``y`` float32 (n, L), one column per kept label, ``classes`` the kept label ids.
-
-Support and query are class-major for single-label tasks (K of class 0, K of class 1, ...)
-and in ascending index order for multi-label tasks.
+Label conventions are in ``episodes.episode``.
 
 Multi-label episodes use greedy set sampling. Support: visit the kept labels in random
 order; for each, if the samples chosen so far hold fewer than K of its positives, add the
@@ -31,9 +23,9 @@ Guarantees: every label ends with at least K positives and K negatives in the su
 (n_query in the query); the support holds at most 2*K*L samples and the query at most
 2*n_query*L; the two are disjoint; no sample can be removed without breaking the guarantee.
 The sampler first checks that every label has at least K + n_query positives and negatives
-in the split (a ValueError names the labels that do not). That always suffices for the
+in the split (an EpisodeError names the labels that do not). That always suffices for the
 support; the query can still fall short when the support happened to take more than K of a
-rare label's positives (or negatives), and then a ValueError names the label: an episode is
+rare label's positives (or negatives), and then an EpisodeError names the label: an episode is
 never silently short. Not guaranteed: the smallest possible set (greedy, not optimal).
 
 ``min_class_samples`` keeps the classes with at least that many samples (single-label) or
@@ -42,47 +34,25 @@ torchcross's ``filter_classes_min_samples``); the sampler's ``dropped`` names th
 """
 from __future__ import annotations
 
-import json
 import zlib
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, NamedTuple, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Literal, Sequence, Union
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
-from . import __version__
-from .files import atomic_path
-from .manifest import SPLITS
-from .tasks import TaskDescription
+from ..data.manifest import SPLITS
+from ..data.tasks import TaskDescription
+from ..errors import EpisodeError
+from .episode import Device, Episode, EpisodeSpec, frozen
+from .loading import EpisodeDataset, EpisodeSource, collate_episode, materialise
+from .sets import EpisodeSet, labels_crc
 
 BLOCK = 128
 """Episodes drawn per random generator. Part of the reproducibility contract: changing it
 changes every episode, so it is fixed."""
-CHUNK_BYTES = 2 * 2**20
-"""Float bytes of images gathered at once by the fast path; small enough to stay in cache."""
-EPISODE_SET_FORMAT = "medmeta-episode-set"
-EPISODE_SET_VERSION = 1
 _MULTI_TASK_TAG = 0x6D756C74  # separates the multi-task generator from single-task ones
 
 NWay = Union[int, Literal["all"], None]
-Device = Union[str, torch.device, None]
-
-
-class EpisodeSource(Protocol):
-    """What samplers need from a dataset; ``MedMNISTTask`` provides it (any split, or ``"all"``).
-
-    ``get_batch(indices) -> (x, y)`` is optional: without it images are stacked from items.
-    """
-
-    task: TaskDescription
-    split: str
-    labels: np.ndarray
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def stable_hash(text: str) -> int:
@@ -90,114 +60,15 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a.flags.writeable = False
-    return a
-
-
-@dataclass(frozen=True, eq=False)
-class EpisodeSpec:
-    """Which samples make an episode: enough to save, load and rebuild it.
-
-    Iterating it gives the support indices then the query indices, so it is also a plain
-    index batch for ``DataLoader(..., batch_sampler=...)``.
-    """
-
-    task_id: str
-    split: str
-    seed: int
-    index: int
-    classes: tuple[int, ...]
-    support_indices: np.ndarray
-    query_indices: np.ndarray
-
-    @property
-    def indices(self) -> np.ndarray:
-        return np.concatenate([self.support_indices, self.query_indices])
-
-    def __len__(self) -> int:
-        return len(self.support_indices) + len(self.query_indices)
-
-    def __getitem__(self, i: int) -> int:
-        return int(self.indices[i])
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices.tolist())
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, EpisodeSpec):
-            return NotImplemented
-        return (self.task_id, self.split, self.seed, self.index, self.classes) == (
-            other.task_id, other.split, other.seed, other.index, other.classes) and (
-            np.array_equal(self.support_indices, other.support_indices)
-            and np.array_equal(self.query_indices, other.query_indices))
-
-    def __repr__(self) -> str:
-        return (f"EpisodeSpec({self.task_id!r}, split={self.split!r}, seed={self.seed}, index={self.index}, "
-                f"classes={self.classes}, support={len(self.support_indices)}, query={len(self.query_indices)})")
-
-
-@dataclass(eq=False)
-class Episode:
-    """One few-shot episode as plain tensors, with what is needed to replay it."""
-
-    support_x: torch.Tensor
-    support_y: torch.Tensor
-    query_x: torch.Tensor
-    query_y: torch.Tensor
-    task: TaskDescription
-    split: str
-    classes: tuple[int, ...]
-    support_indices: np.ndarray
-    query_indices: np.ndarray
-    seed: int
-    index: int
-
-    @property
-    def num_outputs(self) -> int:
-        """Logits a head needs: 1 for binary, else the episode's classes (or labels)."""
-        return 1 if self.task.task_type == "binary" else len(self.classes)
-
-    @property
-    def n_way(self) -> int:
-        return len(self.classes)
-
-    @property
-    def label_map(self) -> dict[int, int]:
-        """Original class id -> episode label (single-label tasks)."""
-        return {c: i for i, c in enumerate(self.classes)}
-
-    @property
-    def spec(self) -> EpisodeSpec:
-        return EpisodeSpec(self.task.task_id, self.split, self.seed, self.index, self.classes,
-                           self.support_indices, self.query_indices)
-
-    def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Episode:
-        return replace(self, support_x=fn(self.support_x), support_y=fn(self.support_y),
-                       query_x=fn(self.query_x), query_y=fn(self.query_y))
-
-    def to(self, device: Device, non_blocking: bool = False) -> Episode:
-        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> Episode:
-        """Called by ``DataLoader(pin_memory=True)``."""
-        return self._map_tensors(torch.Tensor.pin_memory)
-
-    def __repr__(self) -> str:
-        return (f"Episode({self.task.task_id!r}, split={self.split!r}, index={self.index}, classes={self.classes}, "
-                f"support_x={tuple(self.support_x.shape)}, query_x={tuple(self.query_x.shape)}, "
-                f"device={self.support_x.device})")
-
-
 def _check_split(split: str) -> None:
     if split not in (*SPLITS, "all"):
-        raise ValueError(f"unknown split {split!r}; use one of {SPLITS} or 'all'")
+        raise EpisodeError(f"unknown split {split!r}; use one of {SPLITS} or 'all'")
 
 
 def _check_counts(k_shot: int, n_query: int) -> None:
     for name, value in (("k_shot", k_shot), ("n_query", n_query)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise EpisodeError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _distinct(rng: np.random.Generator, n: np.ndarray, m: int) -> np.ndarray:
@@ -229,8 +100,8 @@ class _TaskPlan:
         self.where = f"{self.task.task_id}/{self.split}"
         labels = np.asarray(dataset.labels)
         if len(labels) != len(dataset):
-            raise ValueError(f"{self.where}: {len(labels)} labels for {len(dataset)} samples")
-        self.multilabel = self.task.task_type == "multi-label"
+            raise EpisodeError(f"{self.where}: {len(labels)} labels for {len(dataset)} samples")
+        self.multilabel = self.task.task_type.multilabel
         names = self.task.class_names
         if self.multilabel:
             self.y = labels.astype(bool)
@@ -240,12 +111,12 @@ class _TaskPlan:
                 np.minimum(pos, neg) >= min_class_samples)
             self.dropped = tuple(names[c] for c in range(self.y.shape[1]) if c not in set(keep.tolist()))
             if len(keep) == 0:
-                raise ValueError(f"{self.where}: no label has min_class_samples={min_class_samples} positives and "
+                raise EpisodeError(f"{self.where}: no label has min_class_samples={min_class_samples} positives and "
                                  f"as many negatives; lower min_class_samples")
             short = [f"label {c} ({names[c]!r}: {pos[c]} positives, {neg[c]} negatives)"
                      for c in keep if min(pos[c], neg[c]) < need]
             if short:
-                raise ValueError(
+                raise EpisodeError(
                     f"{self.where}: every label needs at least k_shot + n_query = {need} positives and "
                     f"{need} negatives; too few for {', '.join(short)}. Lower k_shot or n_query, or pass "
                     f"min_class_samples={need} to leave such labels out")
@@ -255,7 +126,7 @@ class _TaskPlan:
             self.min_class_samples = min_class_samples
             return
         if labels.ndim != 1:
-            raise ValueError(f"{self.where}: expected one label per sample, got shape {labels.shape}")
+            raise EpisodeError(f"{self.where}: expected one label per sample, got shape {labels.shape}")
         counts = np.bincount(labels, minlength=self.task.num_classes)
         if min_class_samples is None:
             eligible = np.arange(len(counts))
@@ -264,7 +135,7 @@ class _TaskPlan:
         short = [f"class {c} ({names[c] if c < len(names) else '?'!r}) has {counts[c]}"
                  for c in eligible if counts[c] < need]
         if short:
-            raise ValueError(
+            raise EpisodeError(
                 f"{self.where}: {'; '.join(short)} samples, fewer than k_shot + n_query = {need}. Lower k_shot "
                 f"or n_query, or pass min_class_samples={need} to leave such classes out")
         self.dropped = tuple(names[c] if c < len(names) else str(c) for c in range(len(counts))
@@ -284,24 +155,24 @@ class _TaskPlan:
         """N for this task. ``strict`` (single-task samplers) refuses an n_way that cannot apply."""
         if n_way is not None and n_way != "all" and (
                 isinstance(n_way, bool) or not isinstance(n_way, (int, np.integer))):
-            raise ValueError(f"n_way must be an integer, 'all' or None, got {n_way!r}")
+            raise EpisodeError(f"n_way must be an integer, 'all' or None, got {n_way!r}")
         kind = self.task.task_type
-        if kind in ("binary", "multi-label"):
-            full = 2 if kind == "binary" else self.max_way
-            if strict and n_way not in (None, "all") and not (kind == "binary" and n_way == 2):
-                what = "always 2-way (K negatives, K positives)" if kind == "binary" else "always use every label"
-                raise ValueError(f"{self.where} is a {kind} task: its episodes are {what}; pass n_way=None")
-            if kind == "binary" and self.max_way < 2:
-                raise ValueError(f"{self.where}: a binary episode needs both classes, but only {self.max_way} "
-                                 f"has at least min_class_samples={self.min_class_samples} samples")
+        if not kind.choose_classes:
+            full = 2 if kind.binary else self.max_way
+            if strict and n_way not in (None, "all") and not (kind.binary and n_way == 2):
+                what = "always 2-way (K negatives, K positives)" if kind.binary else "always use every label"
+                raise EpisodeError(f"{self.where} is a {kind} task: its episodes are {what}; pass n_way=None")
+            if kind.binary and self.max_way < 2:
+                raise EpisodeError(f"{self.where}: a binary episode needs both classes, but only {self.max_way} "
+                                   f"has at least min_class_samples={self.min_class_samples} samples")
             return full
         if n_way is None or n_way == "all":
             n_way = self.max_way
         if n_way < 2:
-            raise ValueError(f"n_way must be at least 2, got {n_way}")
+            raise EpisodeError(f"n_way must be at least 2, got {n_way}")
         if n_way > self.max_way:
             rule = "" if self.min_class_samples is None else f" with at least {self.min_class_samples} samples"
-            raise ValueError(f"n_way={n_way} but {self.where} has only {self.max_way} eligible classes{rule}")
+            raise EpisodeError(f"n_way={n_way} but {self.where} has only {self.max_way} eligible classes{rule}")
         return int(n_way)
 
     def draw(self, rng: np.random.Generator, count: int, n_way: int, k_shot: int, n_query: int
@@ -319,8 +190,8 @@ class _TaskPlan:
             chosen = np.sort(np.argpartition(keys, n_way - 1, axis=1)[:, :n_way], axis=1)
         local = _distinct(rng, self.counts[chosen].reshape(-1), k_shot + n_query)
         idx = self.pool[self.starts[chosen].reshape(-1, 1) + local].reshape(count, n_way, -1)
-        support = _frozen(np.ascontiguousarray(idx[:, :, :k_shot]).reshape(count, -1))
-        query = _frozen(np.ascontiguousarray(idx[:, :, k_shot:]).reshape(count, -1))
+        support = frozen(np.ascontiguousarray(idx[:, :, :k_shot]).reshape(count, -1))
+        query = frozen(np.ascontiguousarray(idx[:, :, k_shot:]).reshape(count, -1))
         return list(map(tuple, self.eligible[chosen].tolist())), support, query
 
     def _draw_multilabel(self, rng: np.random.Generator, k_shot: int, n_query: int
@@ -356,7 +227,7 @@ class _TaskPlan:
                 if new is None:
                     kind = "positives" if positive else "negatives"
                     free = int((~taken[pool]).sum())
-                    raise ValueError(
+                    raise EpisodeError(
                         f"{self.where}: label {label} ({self.task.class_names[label]!r}) has only {free} {kind} left "
                         f"for the {role} after the support took its share, {need} more are needed; lower k_shot or "
                         "n_query")
@@ -374,7 +245,7 @@ class _TaskPlan:
                 pos_count -= row
                 neg_count -= ~row
                 taken[chosen[i]] = False
-        return _frozen(np.sort(chosen[keep]))
+        return frozen(np.sort(chosen[keep]))
 
 
 def _draw_untaken(rng: np.random.Generator, pool: np.ndarray, need: int, taken: np.ndarray) -> np.ndarray | None:
@@ -500,7 +371,7 @@ class EpisodeSampler(_EpisodicSampler):
         """This epoch's episodes as a fixed set, ready for ``save_episode_set``."""
         return EpisodeSet(
             task_id=self.plan.task.task_id, size=self.plan.task.size, split=self.plan.split,
-            n_samples=len(self.dataset), labels_crc32=_labels_crc(self.dataset.labels), seed=self.seed,
+            n_samples=len(self.dataset), labels_crc32=labels_crc(self.dataset.labels), seed=self.seed,
             sampler={"n_way": self.n_way, "k_shot": self.k_shot, "n_query": self.n_query,
                      "min_class_samples": self.min_class_samples},
             specs=tuple(self))
@@ -525,11 +396,11 @@ class MultiTaskEpisodeSampler(_EpisodicSampler):
         _check_counts(k_shot, n_query)
         _check_seed_and_length(seed, n_episodes)
         if not datasets:
-            raise ValueError("MultiTaskEpisodeSampler needs at least one dataset")
+            raise EpisodeError("MultiTaskEpisodeSampler needs at least one dataset")
         self.datasets = list(datasets)
         keys = [(d.task.task_id, d.split) for d in self.datasets]
         if len(set(keys)) != len(keys):
-            raise ValueError(f"each (task, split) may appear once; got {keys}")
+            raise EpisodeError(f"each (task, split) may appear once; got {keys}")
         self.plans = [_TaskPlan(d, k_shot + n_query, min_class_samples) for d in self.datasets]
         self.dropped: dict[str, tuple[str, ...]] = {p.task.task_id: p.dropped for p in self.plans if p.dropped}
         """Per task id, the classes (labels) left out by ``min_class_samples``."""
@@ -567,9 +438,9 @@ class MultiTaskEpisodeSampler(_EpisodicSampler):
 
 def _check_seed_and_length(seed: int, n_episodes: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise EpisodeError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
-        raise ValueError(f"n_episodes must be an integer >= 1, got {n_episodes!r}")
+        raise EpisodeError(f"n_episodes must be an integer >= 1, got {n_episodes!r}")
 
 
 def task_probabilities(sizes: Sequence[int], weights: str | Sequence[float] = "proportional",
@@ -585,283 +456,13 @@ def task_probabilities(sizes: Sequence[int], weights: str | Sequence[float] = "p
         elif weights == "tempered":
             w = sizes_arr ** (1.0 / temperature)
         else:
-            raise ValueError(f"unknown task sampling {weights!r}; choose proportional, uniform, tempered "
+            raise EpisodeError(f"unknown task sampling {weights!r}; choose proportional, uniform, tempered "
                              "or a list of weights")
     else:
         w = np.asarray(weights, dtype=np.float64)
         if w.shape != sizes_arr.shape or not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be {len(sizes_arr)} non-negative numbers with a positive sum, "
+            raise EpisodeError(f"weights must be {len(sizes_arr)} non-negative numbers with a positive sum, "
                              f"got {weights!r}")
     return w / w.sum()
 
 
-def iter_episodes(dataset: EpisodeSource, n_way: NWay = None, k_shot: int = 5, n_query: int = 10,
-                  n_episodes: int = 100, seed: int = 0, min_class_samples: int | None = None,
-                  device: Device = None) -> Iterator[Episode]:
-    """Shortcut for ``EpisodeSampler(...).episodes(device)``."""
-    return EpisodeSampler(dataset, n_way, k_shot, n_query, n_episodes, seed, min_class_samples).episodes(device)
-
-
-# ---- reading images for episodes -------------------------------------------------------------
-
-
-def _lookup(datasets: EpisodeSource | Sequence[EpisodeSource]) -> dict[tuple[str, str], EpisodeSource]:
-    if not isinstance(datasets, (list, tuple)):
-        datasets = [datasets]
-    return {(d.task.task_id, d.split): d for d in datasets}
-
-
-def _find(table: dict[tuple[str, str], EpisodeSource], spec: EpisodeSpec) -> EpisodeSource:
-    try:
-        return table[spec.task_id, spec.split]
-    except KeyError:
-        raise ValueError(f"episode {spec.index} is from {spec.task_id}/{spec.split}, but the datasets given are "
-                         f"{sorted('/'.join(k) for k in table)}") from None
-
-
-def _images(dataset: EpisodeSource, indices: np.ndarray) -> torch.Tensor:
-    get_batch = getattr(dataset, "get_batch", None)
-    if get_batch is not None:
-        return get_batch(indices)[0]
-    return torch.stack([dataset[int(i)][0] for i in indices])
-
-
-def _targets(task: TaskDescription, labels: np.ndarray, specs: Sequence[EpisodeSpec], rows: np.ndarray
-             ) -> torch.Tensor:
-    """Episode targets for the concatenated support+query rows of ``specs``."""
-    if task.task_type == "multi-label":
-        columns = np.concatenate([np.broadcast_to(np.asarray(s.classes), (len(s), len(s.classes))) for s in specs])
-        return torch.from_numpy(np.take_along_axis(labels[rows], columns, axis=1).astype(np.float32))
-    lut = np.full((len(specs), max(task.num_classes, 1)), -1, dtype=np.int64)
-    for e, s in enumerate(specs):
-        lut[e, list(s.classes)] = np.arange(len(s.classes))
-    which = np.repeat(np.arange(len(specs)), [len(s) for s in specs])
-    original = labels[rows]
-    y = lut[which, original]
-    if (y < 0).any():
-        bad = int(np.flatnonzero(y < 0)[0])
-        raise ValueError(f"sample {int(rows[bad])} of {task.task_id} has label {int(original[bad])}, which is not one "
-                         f"of its episode's classes: the dataset is not the one the episode was drawn from")
-    return torch.from_numpy(y)
-
-
-def _image_bytes(task: TaskDescription) -> int:
-    return 4 * task.channels * task.size ** task.dims
-
-
-def _gather(dataset: EpisodeSource, rows: np.ndarray, device: Device, non_blocking: bool) -> torch.Tensor:
-    """Images for ``rows`` (transform applied per image), read in pieces of about CHUNK_BYTES
-    copied into one output: temporaries stay small and in cache, and with a device the host
-    holds one piece at a time, so memory stays bounded for 224px episodes."""
-    step = max(1, CHUNK_BYTES // _image_bytes(dataset.task))
-    if len(rows) <= step:
-        x = _images(dataset, rows)
-        return x if device is None else x.to(device, non_blocking=non_blocking)
-    out: torch.Tensor | None = None
-    for a in range(0, len(rows), step):
-        piece = _images(dataset, rows[a:a + step])
-        if out is None:
-            out = torch.empty((len(rows), *piece.shape[1:]), dtype=piece.dtype,
-                              device=piece.device if device is None else device)
-        out[a:a + len(piece)].copy_(piece, non_blocking=non_blocking)
-    assert out is not None
-    return out
-
-
-def _episode_images(dataset: EpisodeSource, spec: EpisodeSpec, device: Device, non_blocking: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Support and query images of one episode: views of one gather when small (one storage
-    to pass between processes), separate piecewise gathers when large (no huge temporary)."""
-    if len(spec) * _image_bytes(dataset.task) <= CHUNK_BYTES:
-        x = _gather(dataset, spec.indices, device, non_blocking)
-        ns = len(spec.support_indices)
-        return x[:ns], x[ns:]
-    return (_gather(dataset, spec.support_indices, device, non_blocking),
-            _gather(dataset, spec.query_indices, device, non_blocking))
-
-
-def _check_rows(dataset: EpisodeSource, rows: np.ndarray) -> None:
-    if len(rows) and (rows.min() < 0 or rows.max() >= len(dataset)):
-        raise ValueError(f"episode indices out of range for {dataset.task.task_id}/{dataset.split} "
-                         f"({len(dataset)} samples): the dataset is not the one the episode was drawn from")
-
-
-def _assemble(dataset: EpisodeSource, specs: Sequence[EpisodeSpec], device: Device,
-              non_blocking: bool) -> list[Episode]:
-    """Episodes for consecutive specs of one dataset: several small episodes share one gather
-    and one transfer (then views); a lone one is read by ``_episode_images``."""
-    rows = np.concatenate([a for s in specs for a in (s.support_indices, s.query_indices)])
-    _check_rows(dataset, rows)
-    y = _targets(dataset.task, np.asarray(dataset.labels), specs, rows)
-    if device is not None:
-        y = y.to(device, non_blocking=non_blocking)
-    sizes = [n for s in specs for n in (len(s.support_indices), len(s.query_indices))]
-    ys = torch.split(y, sizes)
-    if len(specs) == 1:
-        xs = _episode_images(dataset, specs[0], device, non_blocking)
-    else:
-        xs = torch.split(_gather(dataset, rows, device, non_blocking), sizes)
-    return [Episode(xs[2 * e], ys[2 * e], xs[2 * e + 1], ys[2 * e + 1], dataset.task, s.split, s.classes,
-                    s.support_indices, s.query_indices, s.seed, s.index) for e, s in enumerate(specs)]
-
-
-def materialise(datasets: EpisodeSource | Sequence[EpisodeSource], specs: Iterable[EpisodeSpec],
-                device: Device = None, non_blocking: bool = False) -> Iterator[Episode]:
-    """Build Episodes from specs, gathering consecutive episodes of one task together
-    (up to ``CHUNK_BYTES`` of images) and applying each dataset's transform per image."""
-    table = _lookup(datasets)
-    chunk: list[EpisodeSpec] = []
-    used = 0
-    for spec in specs:
-        size = len(spec) * _image_bytes(_find(table, spec).task)
-        if chunk and ((spec.task_id, spec.split) != (chunk[0].task_id, chunk[0].split)
-                      or used + size > CHUNK_BYTES):
-            yield from _assemble(_find(table, chunk[0]), chunk, device, non_blocking)
-            chunk, used = [], 0
-        chunk.append(spec)
-        used += size
-    if chunk:
-        yield from _assemble(_find(table, chunk[0]), chunk, device, non_blocking)
-
-
-class EpisodeItems(NamedTuple):
-    """What ``EpisodeDataset`` returns for a spec: its images and the raw labels of its samples."""
-
-    spec: EpisodeSpec
-    task: TaskDescription
-    support_x: torch.Tensor
-    query_x: torch.Tensor
-    labels: np.ndarray
-
-
-class EpisodeDataset(Dataset):
-    """A map-style dataset keyed by EpisodeSpec, for ``DataLoader(batch_sampler=sampler)``.
-
-    Fetching (gather, transform per image) runs in the DataLoader workers; ``collate_episode``
-    then builds the Episode. The spec travels with the batch, so episodes are identical with
-    any number of workers.
-    """
-
-    def __init__(self, datasets: EpisodeSource | Sequence[EpisodeSource]) -> None:
-        self.table = _lookup(datasets)
-
-    def __getitems__(self, spec: EpisodeSpec) -> EpisodeItems:
-        if not isinstance(spec, EpisodeSpec):
-            raise TypeError(f"EpisodeDataset is indexed by EpisodeSpec (use an episode sampler as batch_sampler), "
-                            f"got {type(spec).__name__}")
-        dataset = _find(self.table, spec)
-        rows = spec.indices
-        _check_rows(dataset, rows)
-        return EpisodeItems(spec, dataset.task, *_episode_images(dataset, spec, None, False),
-                            np.asarray(dataset.labels)[rows])
-
-    __getitem__ = __getitems__
-
-
-def collate_episode(items: EpisodeItems) -> Episode:
-    """DataLoader collate function: EpisodeItems -> Episode (labels remapped)."""
-    spec, task, support_x, query_x, labels = items
-    y = _targets(task, labels, [spec], np.arange(len(labels)))
-    ns = len(spec.support_indices)
-    return Episode(support_x, y[:ns], query_x, y[ns:], task, spec.split, spec.classes, spec.support_indices,
-                   spec.query_indices, spec.seed, spec.index)
-
-
-# ---- fixed evaluation sets -------------------------------------------------------------------
-
-
-def _labels_crc(labels: np.ndarray) -> int:
-    return zlib.crc32(np.ascontiguousarray(labels, dtype="<i8").tobytes())
-
-
-@dataclass(frozen=True, eq=False)
-class EpisodeSet:
-    """A fixed list of episodes of one task and split, e.g. the 100 evaluation episodes.
-
-    Stores indices, not images: bind it to a dataset with ``episodes(dataset)`` or
-    ``loader(dataset)``, which first check the dataset is the one the set was drawn from.
-    """
-
-    task_id: str
-    size: int
-    split: str
-    n_samples: int
-    labels_crc32: int
-    seed: int
-    sampler: dict
-    specs: tuple[EpisodeSpec, ...]
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    def __iter__(self) -> Iterator[EpisodeSpec]:
-        return iter(self.specs)
-
-    def __getitem__(self, i: int) -> EpisodeSpec:
-        return self.specs[i]
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, EpisodeSet):
-            return NotImplemented
-        return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
-
-    def check(self, dataset: EpisodeSource) -> None:
-        """Raise ValueError unless ``dataset`` is the task, size, split and data of this set."""
-        got = {"task": dataset.task.task_id, "size": dataset.task.size, "split": dataset.split,
-               "number of samples": len(dataset)}
-        want = {"task": self.task_id, "size": self.size, "split": self.split, "number of samples": self.n_samples}
-        wrong = [f"{k} {got[k]!r} (the set has {want[k]!r})" for k in want if got[k] != want[k]]
-        if not wrong and _labels_crc(dataset.labels) != self.labels_crc32:
-            wrong = ["labels differing from those the set was drawn from"]
-        if wrong:
-            raise ValueError(f"episode set {self.task_id}/{self.split} at {self.size}px does not match the dataset: "
-                             f"it has {', '.join(wrong)}")
-
-    def episodes(self, dataset: EpisodeSource, device: Device = None, non_blocking: bool = False
-                 ) -> Iterator[Episode]:
-        self.check(dataset)
-        return materialise(dataset, self.specs, device=device, non_blocking=non_blocking)
-
-    def loader(self, dataset: EpisodeSource, **dataloader_kwargs: Any) -> DataLoader:
-        self.check(dataset)
-        return DataLoader(EpisodeDataset(dataset), batch_sampler=list(self.specs), collate_fn=collate_episode,
-                          **dataloader_kwargs)
-
-
-def save_episode_set(path: str | Path, episodes: EpisodeSet | EpisodeSampler) -> Path:
-    """Write a fixed episode set as JSON (temporary file, then rename)."""
-    if isinstance(episodes, EpisodeSampler):
-        episodes = episodes.episode_set()
-    path = Path(path)
-    doc = {
-        "format": EPISODE_SET_FORMAT, "version": EPISODE_SET_VERSION, "medmeta_version": __version__,
-        "task_id": episodes.task_id, "size": episodes.size, "split": episodes.split,
-        "n_samples": episodes.n_samples, "labels_crc32": episodes.labels_crc32, "seed": episodes.seed,
-        "sampler": episodes.sampler,
-        "episodes": [{"index": s.index, "classes": list(s.classes), "support": s.support_indices.tolist(),
-                      "query": s.query_indices.tolist()} for s in episodes.specs],
-    }
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
-    return path
-
-
-def load_episode_set(path: str | Path) -> EpisodeSet:
-    """Read a set written by ``save_episode_set``."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("format") != EPISODE_SET_FORMAT:
-            raise ValueError("not a medmeta episode set")
-        if doc.get("version") != EPISODE_SET_VERSION:
-            raise ValueError(f"format version {doc.get('version')!r}, this medmeta reads {EPISODE_SET_VERSION}")
-        task_id, split, seed = str(doc["task_id"]), str(doc["split"]), int(doc["seed"])
-        specs = tuple(
-            EpisodeSpec(task_id, split, seed, int(e["index"]), tuple(int(c) for c in e["classes"]),
-                        _frozen(np.asarray(e["support"], dtype=np.int64)),
-                        _frozen(np.asarray(e["query"], dtype=np.int64)))
-            for e in doc["episodes"])
-        return EpisodeSet(task_id, int(doc["size"]), split, int(doc["n_samples"]), int(doc["labels_crc32"]),
-                          seed, dict(doc["sampler"]), specs)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: cannot read episode set ({exc})") from None

@@ -3,24 +3,30 @@
 Every other module asks the manifest which subsets exist, what their files, checksums,
 task types, labels and split counts are, and which subsets a leave-one-out target must
 exclude. Nothing about MedMNIST is hard-coded elsewhere.
+
+Bring your own dataset: a user manifest (same schema, ``--manifest FILE`` or the
+``MEDMETA_MANIFEST`` environment variable, several joined with the OS path separator) is
+merged with the bundled one. Its subsets become tasks, targets and sources like any MedMNIST
+subset; its ``exclusion_groups`` add groups, or add members to a group of the same name. A
+user subset's ``url`` may be ``null``; its npz file is looked up next to the manifest that
+names it, then in ``--source-dir``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
-TASK_TYPES = ("binary", "multi-class", "ordinal", "multi-label")
+from ..errors import ConfigError, ManifestError
+from ..tasktype import TaskType
+
 SPLITS = ("train", "val", "test")
-_PACKAGE_COPY = Path(__file__).with_name("data_manifest.yaml")
-DEFAULT_MANIFEST = _PACKAGE_COPY.resolve()
-
-
-class ManifestError(ValueError):
-    """The manifest is malformed; the message names the entry and field."""
+MANIFEST_ENV = "MEDMETA_MANIFEST"
+DEFAULT_MANIFEST = Path(__file__).with_name("data_manifest.yaml").resolve()
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class FileInfo:
 
     size: int
     file: str
-    url: str
+    url: str | None
     md5: str
 
 
@@ -41,7 +47,7 @@ class SubsetInfo:
     short_name: str
     dims: int
     channels: int
-    task_type: str
+    task_type: TaskType
     labels: tuple[str, ...]
     splits: Mapping[str, int]
     modality: str
@@ -50,6 +56,9 @@ class SubsetInfo:
     license: str
     citation: str
     files: Mapping[int, FileInfo]
+    home: Path | None = None
+    """Folder of the user manifest that defined this subset (its npz files may lie there);
+    None for the bundled MedMNIST subsets."""
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -63,12 +72,12 @@ class SubsetInfo:
 
     def label_width(self) -> int:
         """Columns of the npz label array: one per finding for multi-label, else one."""
-        return len(self.labels) if self.task_type == "multi-label" else 1
+        return len(self.labels) if self.task_type.multilabel else 1
 
     def file(self, size: int) -> FileInfo:
         if size not in self.files:
-            raise ValueError(
-                f"{self.name} has no official size {size}; available sizes: {list(self.sizes)}"
+            raise ConfigError(
+                f"{self.name} has no file at size {size}; available sizes: {list(self.sizes)}"
             )
         return self.files[size]
 
@@ -91,7 +100,7 @@ class Manifest:
             if key == sub.short_name or key + "mnist" == sub.name:
                 return sub.name
         shorts = ", ".join(s.short_name for s in self.subsets.values())
-        raise ValueError(f"unknown subset {name!r}; known: {shorts}")
+        raise ConfigError(f"unknown subset {name!r}; known: {shorts}")
 
     def __getitem__(self, name: str) -> SubsetInfo:
         return self.subsets[self.resolve(name)]
@@ -134,15 +143,16 @@ def _parse_subset(name: str, raw: Any) -> SubsetInfo:
     channels = _require(name, raw, "channels", int)
     if channels not in (1, 3):
         raise ManifestError(f"manifest entry {name!r}: field 'channels' must be 1 or 3")
-    task_type = _require(name, raw, "task_type", str)
-    if task_type not in TASK_TYPES:
-        raise ManifestError(
-            f"manifest entry {name!r}: field 'task_type' must be one of {TASK_TYPES}, got {task_type!r}"
-        )
+    task_type_text = _require(name, raw, "task_type", str)
+    try:
+        task_type = TaskType(task_type_text)
+    except ValueError:
+        raise ManifestError(f"manifest entry {name!r}: field 'task_type' must be one of "
+                            f"{[t.value for t in TaskType]}, got {task_type_text!r}") from None
     labels = _require(name, raw, "labels", list)
     if len(labels) < 2 or not all(isinstance(x, str) for x in labels):
         raise ManifestError(f"manifest entry {name!r}: field 'labels' needs at least two names")
-    if task_type == "binary" and len(labels) != 2:
+    if task_type.binary and len(labels) != 2:
         raise ManifestError(f"manifest entry {name!r}: a binary task needs exactly 2 labels")
     splits = _require(name, raw, "splits", dict)
     for split in SPLITS:
@@ -160,7 +170,10 @@ def _parse_subset(name: str, raw: Any) -> SubsetInfo:
         md5 = _require(where, f, "md5", str)
         if len(md5) != 32 or any(c not in "0123456789abcdef" for c in md5):
             raise ManifestError(f"manifest entry {where!r}: field 'md5' is not a 32-digit hex MD5")
-        files[size] = FileInfo(size, _require(where, f, "file", str), _require(where, f, "url", str), md5)
+        url = f.get("url")
+        if url is not None and not isinstance(url, str):
+            raise ManifestError(f"manifest entry {where!r}: field 'url' should be a URL or null, got {url!r}")
+        files[size] = FileInfo(size, _require(where, f, "file", str), url, md5)
     if not files:
         raise ManifestError(f"manifest entry {name!r}: field 'files' is empty")
     return SubsetInfo(
@@ -180,41 +193,90 @@ def _parse_subset(name: str, raw: Any) -> SubsetInfo:
     )
 
 
-def parse_manifest(raw: Any, path: Path) -> Manifest:
-    """Validate a manifest already read from YAML; raise ManifestError naming entry and field."""
+def parse_manifest(raw: Any, path: Path, home: Path | None = None) -> Manifest:
+    """Validate a manifest already read from YAML; raise ManifestError naming entry and field.
+
+    ``home``: for a user manifest, the folder whose npz files its subsets may use; its
+    exclusion groups may name subsets of the manifest it is merged into, so they are checked
+    after the merge. A manifest without ``home`` stands alone and is checked whole.
+    """
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: the manifest must be a mapping at the top level")
     subsets_raw = _require("<top level>", raw, "subsets", dict)
-    subsets = {name: _parse_subset(name, entry) for name, entry in subsets_raw.items()}
+    subsets = {name: replace(_parse_subset(name, entry), home=home) for name, entry in subsets_raw.items()}
     shorts = [s.short_name for s in subsets.values()]
     if len(set(shorts)) != len(shorts):
         raise ManifestError(f"{path}: short_name values must be unique")
-    groups_raw = _require("<top level>", raw, "exclusion_groups", dict)
-    groups: dict[str, tuple[str, ...]] = {}
-    for group, body in groups_raw.items():
-        members = _require(f"exclusion_groups.{group}", body or {}, "members", list)
+    groups_raw = raw.get("exclusion_groups") or {}
+    if not isinstance(groups_raw, dict):
+        raise ManifestError(f"{path}: field 'exclusion_groups' should be a mapping of groups")
+    groups = {group: tuple(_require(f"exclusion_groups.{group}", body or {}, "members", list))
+              for group, body in groups_raw.items()}
+    manifest = Manifest(str(raw.get("version", "unknown")), subsets, groups, path)
+    return manifest if home is not None else _check_groups(manifest)
+
+
+def _check_groups(manifest: Manifest) -> Manifest:
+    for group, members in manifest.exclusion_groups.items():
         for member in members:
-            if member not in subsets:
-                raise ManifestError(
-                    f"manifest entry 'exclusion_groups.{group}': member {member!r} is not a subset"
-                )
-        groups[group] = tuple(members)
-    return Manifest(str(raw.get("version", "unknown")), subsets, groups, path)
+            if member not in manifest.subsets:
+                raise ManifestError(f"{manifest.path}: manifest entry 'exclusion_groups.{group}': member {member!r} "
+                                    "is not a subset")
+    return manifest
 
 
-@lru_cache(maxsize=8)
-def _load_cached(path: Path, mtime: float) -> Manifest:
-    with open(path, encoding="utf-8") as fh:
-        try:
+def merge_manifests(base: Manifest, extra: Manifest) -> Manifest:
+    """``base`` plus the subsets and exclusion groups of a user manifest (see the module docstring)."""
+    shorts = {s.short_name: s.name for s in base.subsets.values()}
+    for name, sub in extra.subsets.items():
+        if name in base.subsets:
+            raise ManifestError(f"{extra.path}: manifest entry {name!r}: a subset of that name exists already "
+                                f"(in {base.path}); rename it")
+        if sub.short_name in shorts:
+            raise ManifestError(f"{extra.path}: manifest entry {name!r}: short_name {sub.short_name!r} is taken by "
+                                f"{shorts[sub.short_name]!r}; choose another")
+    groups = dict(base.exclusion_groups)
+    for group, members in extra.exclusion_groups.items():
+        groups[group] = tuple(dict.fromkeys([*groups.get(group, ()), *members]))
+    merged = Manifest(f"{base.version}+{extra.path.name}", {**base.subsets, **extra.subsets}, groups, extra.path)
+    return _check_groups(merged)
+
+
+@lru_cache(maxsize=16)
+def _load_one(path: Path, mtime: float, user: bool) -> Manifest:
+    try:
+        with open(path, encoding="utf-8") as fh:
             raw = yaml.safe_load(fh)
-        except yaml.YAMLError as exc:
-            raise ManifestError(f"{path}: not valid YAML ({exc})") from None
-    return parse_manifest(raw, path)
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+    return parse_manifest(raw, path, home=path.parent if user else None)
 
 
-def load_manifest(path: str | Path | None = None) -> Manifest:
-    """Load (and cache) the manifest; defaults to the repository's ``data_manifest.yaml``."""
-    path = Path(path) if path is not None else DEFAULT_MANIFEST
+def _read(path: Path, user: bool) -> Manifest:
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} not found")
-    return _load_cached(path.resolve(), path.stat().st_mtime)
+        raise ManifestError(f"manifest {path} not found")
+    return _load_one(path.resolve(), path.stat().st_mtime, user)
+
+
+def load_manifest(extra: str | Path | Iterable[str | Path] | None = None, base: str | Path | None = None) -> Manifest:
+    """The bundled manifest (or ``base``) merged with user manifests: ``extra`` (a path or several)
+    and those named in ``$MEDMETA_MANIFEST`` (joined with the OS path separator)."""
+    manifest = _read(Path(base) if base is not None else DEFAULT_MANIFEST, user=base is not None)
+    if extra is None:
+        extras: list[str | Path] = []
+    elif isinstance(extra, (str, Path)):
+        extras = [extra]
+    else:
+        extras = list(extra)
+    env = os.environ.get(MANIFEST_ENV, "")
+    extras += [p for p in env.split(os.pathsep) if p]
+    seen = set()
+    for path in extras:
+        resolved = Path(path).expanduser().resolve()
+        if resolved in seen or resolved == manifest.path.resolve():
+            continue
+        seen.add(resolved)
+        manifest = merge_manifests(manifest, _read(resolved, user=True))
+    return _check_groups(manifest)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.error import URLError
 
 import torch
@@ -32,9 +34,24 @@ import torch.nn as nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from ..errors import ConfigError, MethodError
+from ..settings import Settings
+
 ARCHS_2D = ("resnet18", "resnet50")
 ARCHS_3D = ("resnet18",)
 STEMS = ("cifar", "imagenet")
+
+
+@dataclass
+class ModelConfig(Settings):
+    """The backbone every method of an experiment uses."""
+
+    arch: Literal["resnet18", "resnet50"] = "resnet18"
+    """2D architecture; 3D targets always use the 3D ResNet-18."""
+    stem: Literal["imagenet", "cifar"] = "imagenet"
+    """``imagenet``: 7x7 stride-2 conv + max-pool; ``cifar``: 3x3 stride-1 conv, no pool (see the module docstring)."""
+    imagenet_weights: str | None = None
+    """A local torchvision ImageNet state dict for the ``imagenet`` initialisation; None downloads it."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -161,15 +178,15 @@ def build_backbone(
         the 3x3 conv: every weight except conv1 is loaded and conv1 keeps its random init.
     """
     if dims not in (2, 3):
-        raise ValueError(f"dims must be 2 or 3, got {dims!r}")
+        raise ConfigError(f"dims must be 2 or 3, got {dims!r}")
     if stem not in STEMS:
-        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        raise ConfigError(f"stem must be one of {STEMS}, got {stem!r}")
     archs = ARCHS_2D if dims == 2 else ARCHS_3D
     if arch not in archs:
-        raise ValueError(f"arch for dims={dims} must be one of {archs}, got {arch!r}")
+        raise ConfigError(f"arch for dims={dims} must be one of {archs}, got {arch!r}")
     imagenet = isinstance(weights, str) and weights == "imagenet"
     if imagenet and dims == 3:
-        raise ValueError("there are no ImageNet weights for 3D backbones; use weights=None or a local file")
+        raise MethodError("there are no ImageNet weights for 3D backbones; use weights=None or a local file")
 
     model: nn.Module = ResNet2d(arch, stem) if dims == 2 else ResNet3d(stem)
     if weights is None:
@@ -188,7 +205,7 @@ def _download_imagenet(arch: str) -> dict[str, torch.Tensor]:
         return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True)
     except (URLError, OSError, RuntimeError) as err:
         file_name = url.rsplit("/", 1)[-1]
-        raise RuntimeError(
+        raise MethodError(
             f"ImageNet weights for {arch} could not be downloaded from {url} ({err}). "
             f"Pass a local weights file instead, e.g. weights='/path/{file_name}' "
             f"(--weights /path/{file_name} on the command line), put that file in "
@@ -200,15 +217,15 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state dict (mapping of names to tensors) from ``path``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"weights file {str(path)!r} not found (weights must be None, 'imagenet' or a .pth state-dict path)"
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and format errors all mean "not a state dict"
-        raise ValueError(f"weights file {str(path)!r} could not be read as a torch state dict: {err}") from err
+        raise ConfigError(f"weights file {str(path)!r} could not be read as a torch state dict: {err}") from err
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {str(path)!r} does not hold a state dict (a mapping of names to tensors)")
+        raise ConfigError(f"weights file {str(path)!r} does not hold a state dict (a mapping of names to tensors)")
     return state
 
 
@@ -226,7 +243,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     missing = sorted(set(own) - set(state) - skipped)
     unexpected = sorted(set(state) - set(own))
     if mismatched or missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"{source} do not fit a {model.arch} {type(model).__name__} with the {model.stem} stem: "
             f"shape mismatches {mismatched[:5]}, missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
         )

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .files import atomic_path
+from ..files import atomic_path, write_text_atomic
 from .metrics import mean_ci, paired_difference
 
 PACKAGES = ("medmeta", "torch", "torchvision", "numpy", "h5py", "scikit-learn", "pyyaml")
@@ -62,12 +62,6 @@ def add_paired_differences(methods: dict[str, Any], reference: str) -> None:
             for metric in METRICS}}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary file, then rename it into place."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str]) -> None:
     """Rows as CSV, written atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -103,7 +97,7 @@ def write_results(out: Path, results: Mapping[str, Any]) -> None:
     """``results.json`` (everything), ``results.csv`` (one row per method and episode) and
     ``summary.csv`` (one row per method, with the paired difference to the reference)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2, default=str))
     rows = [{"target": results["target"], "method": name, "episode": e["episode"], "auroc": e["auroc"], "acc": e["acc"]}
             for name, m in results["methods"].items() for e in m["per_episode"]]
     write_csv(out / "results.csv", rows, ["target", "method", "episode", "auroc", "acc"])

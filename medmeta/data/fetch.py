@@ -14,13 +14,10 @@ from typing import Iterator
 
 import numpy as np
 
+from ..errors import SourceError
 from .manifest import SPLITS, FileInfo, SubsetInfo
 
 SOURCE_DIR_ENV = "MEDMETA_SOURCE_DIR"
-
-
-class SourceError(RuntimeError):
-    """An npz file is missing, corrupt or not what the manifest describes."""
 
 
 def md5sum(path: Path, block: int = 2**20) -> str:
@@ -118,24 +115,28 @@ def _download(entry: FileInfo, cache_dir: Path) -> Path:
 
 def fetch(info: SubsetInfo, size: int, cache_dir: Path, source_dir: str | Path | None = None,
           download: bool = True) -> Path:
-    """Return a verified local path to the official npz of (subset, size).
+    """Return a verified local path to the npz of (subset, size).
 
-    Looks in ``source_dir`` (or ``$MEDMETA_SOURCE_DIR``), then ``cache_dir``, then downloads
-    into ``cache_dir`` when ``download`` is true.
+    Looks in ``source_dir`` (or ``$MEDMETA_SOURCE_DIR``), next to the user manifest that
+    defined the subset, then in ``cache_dir``; else downloads into ``cache_dir`` when
+    ``download`` is true and the manifest gives a URL.
     """
     entry = info.file(size)
     source_dir = source_dir if source_dir is not None else os.environ.get(SOURCE_DIR_ENV)
-    candidates = [Path(source_dir) / entry.file] if source_dir else []
-    candidates.append(Path(cache_dir) / entry.file)
-    for path in candidates:
+    folders = [Path(source_dir)] if source_dir else []
+    if info.home is not None:
+        folders.append(info.home)
+    folders.append(Path(cache_dir))
+    for folder in folders:
+        path = folder / entry.file
         if path.is_file():
             verify_file(path, info, size)
             return path
-    if not download:
-        raise SourceError(
-            f"{entry.file} not found in {' or '.join(str(p.parent) for p in candidates)} and downloading is off; "
-            f"put the official file there or pass --source-dir / set {SOURCE_DIR_ENV}"
-        )
+    where = " or ".join(str(f) for f in folders)
+    if not download or entry.url is None:
+        why = "downloading is off" if download is False else "the manifest gives no URL for it"
+        raise SourceError(f"{entry.file} not found in {where} and {why}; put the file there or pass --source-dir / "
+                          f"set {SOURCE_DIR_ENV}")
     try:
         path = _download(entry, Path(cache_dir))
     except ValueError as exc:

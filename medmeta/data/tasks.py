@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError
+from ..tasktype import TaskType
 from .manifest import SPLITS, Manifest, SubsetInfo, load_manifest
 from .store import Store
 
@@ -30,7 +32,7 @@ class TaskDescription:
 
     task_id: str
     subset: str
-    task_type: str
+    task_type: TaskType
     class_names: tuple[str, ...]
     domain: str
     modality: str
@@ -46,7 +48,7 @@ class TaskDescription:
     @property
     def num_outputs(self) -> int:
         """Logits a head needs: 1 for binary, one per label for multi-label, else one per class."""
-        return 1 if self.task_type == "binary" else self.num_classes
+        return self.task_type.num_outputs(self.num_classes)
 
 
 def describe_subset(info: SubsetInfo, size: int) -> list[TaskDescription]:
@@ -55,10 +57,10 @@ def describe_subset(info: SubsetInfo, size: int) -> list[TaskDescription]:
     common = dict(subset=info.name, domain=info.domain, modality=info.modality,
                   channels=info.channels, size=size, dims=info.dims)
     tasks = [TaskDescription(info.name, task_type=info.task_type, class_names=info.labels, **common)]
-    if info.task_type == "multi-label":
+    if info.task_type.multilabel:
         for col, finding in enumerate(info.labels):
             tasks.append(TaskDescription(
-                f"{info.name}:{finding.replace(' ', '_')}", task_type="binary",
+                f"{info.name}:{finding.replace(' ', '_')}", task_type=TaskType.BINARY,
                 class_names=(f"no {finding}", finding), label_column=col, **common))
     return tasks
 
@@ -73,7 +75,7 @@ def find_task(task_id: str, size: int = 28, manifest: Manifest | None = None) ->
         if task.task_id == wanted:
             return task
     names = [t.task_id for t in describe_subset(info, size)]
-    raise ValueError(f"unknown task {task_id!r}; {info.name} offers: {names}")
+    raise ConfigError(f"unknown task {task_id!r}; {info.name} offers: {names}")
 
 
 def list_tasks(store: Store) -> list[TaskDescription]:
@@ -102,7 +104,7 @@ class MedMNISTTask(Dataset):
         self.store = root if isinstance(root, Store) else Store(root)
         self.task = task if isinstance(task, TaskDescription) else find_task(task, size, self.store.manifest)
         if split not in (*SPLITS, "all"):
-            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS} or 'all'")
+            raise ConfigError(f"unknown split {split!r}; choose one of {SPLITS} or 'all'")
         self.split = split
         self._parts = SPLITS if split == "all" else (split,)
         self.transform = transform
@@ -116,7 +118,7 @@ class MedMNISTTask(Dataset):
             self._offsets = np.cumsum([0] + [len(d) for d in images])
         if self.task.label_column is not None:
             raw_labels = raw_labels[:, self.task.label_column]
-        elif self.task.task_type != "multi-label":
+        elif not self.task.task_type.multilabel:
             raw_labels = raw_labels[:, 0]
         self.labels: np.ndarray = raw_labels.astype(np.int64)
         self._handle: list[h5py.Dataset] | None = None
@@ -161,7 +163,7 @@ class MedMNISTTask(Dataset):
 
     def label_tensor(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         y = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
-        return y.float() if self.task.task_type == "multi-label" else y
+        return y.to(self.task.task_type.label_dtype)
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and labels for many indices at once, with ``transform`` applied per image."""

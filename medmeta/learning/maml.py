@@ -23,34 +23,30 @@ statistics (frozen; meaningful for a pretrained backbone only).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
-from .adaptation import feature_dim, task_loss
+from ..data.tasks import MedMNISTTask
+from ..episodes import Episode, MultiTaskEpisodeSampler
+from ..files import torch_save_atomic
+from ..settings import Settings, setting
+from ..tasktype import TaskType
+from .finetune import feature_dim
+from .runtime import check_identity, checkpoint_identity
 
 Params = dict[str, Tensor]
 HEAD_KEYS = ("head.weight", "head.bias")
-
-
-class MetaEpisode(NamedTuple):
-    """One episode for meta-training: task type, head width and the support/query tensors.
-
-    Labels follow ``adaptation.task_loss``: binary int64 {0,1} with ``num_outputs=1``;
-    multi-class/ordinal int64 class indices; multi-label float (N, L).
-    """
-
-    task_type: str
-    num_outputs: int
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
 
 
 @contextmanager
@@ -77,7 +73,7 @@ def zero_head(width: int, num_outputs: int, like: Tensor) -> Params:
     return {"weight": like.new_zeros(num_outputs, width), "bias": like.new_zeros(num_outputs)}
 
 
-def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type: str, num_outputs: int,
+def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type: TaskType, num_outputs: int,
                 support_x: Tensor, support_y: Tensor, steps: int,
                 inner_lr: float | Mapping[str, Tensor], first_order: bool,
                 bn_train: bool = True) -> tuple[Params, Params]:
@@ -91,7 +87,7 @@ def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type:
     head = zero_head(width, num_outputs, next(iter(params.values())))
 
     def support_loss(p: Params, h: Params) -> Tensor:
-        return task_loss(task_type, _logits(backbone, p, buffers, h, support_x), support_y)
+        return task_type.loss(_logits(backbone, p, buffers, h, support_x), support_y)
 
     grad_fn = grad(support_loss, argnums=(0, 1))
 
@@ -110,7 +106,7 @@ def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type:
     return params, head
 
 
-def maml_loss(backbone: nn.Module, episodes: Sequence[MetaEpisode], inner_steps: int = 4,
+def maml_loss(backbone: nn.Module, episodes: Sequence[Episode], inner_steps: int = 4,
               inner_lr: float | Mapping[str, Tensor] = 0.1, first_order: bool = False,
               bn_train: bool = True) -> Tensor:
     """Mean query loss after inner adaptation, differentiable w.r.t. the backbone's parameters.
@@ -125,7 +121,7 @@ def maml_loss(backbone: nn.Module, episodes: Sequence[MetaEpisode], inner_steps:
                                     ep.support_x, ep.support_y, inner_steps, inner_lr, first_order, bn_train)
         with _mode(backbone, bn_train):
             logits = _logits(backbone, adapted, buffers, head, ep.query_x)
-        losses.append(task_loss(ep.task_type, logits, ep.query_y))
+        losses.append(ep.task_type.loss(logits, ep.query_y))
     return torch.stack(losses).mean()
 
 
@@ -151,6 +147,8 @@ class MAML:
                 self.inner_lrs[name] = nn.Parameter(p.new_tensor(inner_lr))
         self.optimizer = torch.optim.Adam(list(backbone.parameters()) + list(self.inner_lrs.values()),
                                           lr=outer_lr)
+        self.seconds = 0.0
+        """Meta-training time over every session (resumes included)."""
 
     @property
     def device(self) -> torch.device:
@@ -159,40 +157,28 @@ class MAML:
     def _lr(self) -> float | Mapping[str, Tensor]:
         return self.inner_lrs or self.inner_lr
 
-    def _to_device(self, ep: MetaEpisode) -> MetaEpisode:
-        return MetaEpisode(ep.task_type, ep.num_outputs, *(t.to(self.device) for t in ep[2:]))
-
-    def meta_step(self, episodes: Sequence[MetaEpisode]) -> float:
+    def meta_step(self, episodes: Sequence[Episode]) -> float:
         """One outer Adam step on the mean query loss of ``episodes``; returns that loss."""
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for ep in episodes:
-            loss = maml_loss(self.backbone, [self._to_device(ep)], self.inner_steps, self._lr(),
+            loss = maml_loss(self.backbone, [ep.to(self.device)], self.inner_steps, self._lr(),
                              self.first_order, self.bn_train) / len(episodes)
             loss.backward()
             total += loss.item()
         self.optimizer.step()
         return total
 
-    def adapt_and_predict(self, task_type: str, num_outputs: int, support_x: Tensor, support_y: Tensor,
-                          query_x: Tensor, steps: int | None = None) -> Tensor:
+    def adapt_and_predict(self, episode: Episode, steps: int | None = None) -> Tensor:
         """Test time: ``steps`` (default ``test_steps``) inner SGD steps from a zero head; query logits."""
-        support_x, support_y, query_x = (t.to(self.device) for t in (support_x, support_y, query_x))
-        params = {k: v.detach() for k, v in self.backbone.named_parameters()}
-        buffers = dict(self.backbone.named_buffers())
-        lr = {k: v.detach() for k, v in self.inner_lrs.items()} or self.inner_lr
-        with torch.no_grad():
-            adapted, head = inner_adapt(self.backbone, params, buffers, task_type, num_outputs, support_x,
-                                        support_y, self.test_steps if steps is None else steps, lr,
-                                        first_order=True, bn_train=self.bn_train)
-            with _mode(self.backbone, self.bn_train):
-                return _logits(self.backbone, adapted, buffers, head, query_x)
+        return adapt_and_predict(self.backbone, episode, self.test_steps if steps is None else steps,
+                                 {k: v.detach() for k, v in self.inner_lrs.items()} or self.inner_lr, self.bn_train)
 
     def state_dict(self) -> dict[str, Any]:
         """Backbone, Meta-SGD rates and outer optimizer state: enough for an exact resume."""
         return {"backbone": self.backbone.state_dict(),
                 "inner_lrs": {k: v.detach().clone() for k, v in self.inner_lrs.items()},
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "seconds": self.seconds}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` saved (the MAML must be built with the same settings)."""
@@ -203,3 +189,85 @@ class MAML:
             for k, v in state["inner_lrs"].items():
                 self.inner_lrs[k].copy_(v)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.seconds = state["seconds"]
+
+
+def adapt_and_predict(backbone: nn.Module, episode: Episode, steps: int, lr: float | Mapping[str, Tensor],
+                      bn_train: bool = True) -> Tensor:
+    """MAML's test-time adaptation: ``steps`` SGD steps on the support from a zero head (no
+    second-order terms); query logits. ``lr``: a float or Meta-SGD's learned rates."""
+    device = next(backbone.parameters()).device
+    support_x, support_y, query_x = (t.to(device) for t in (episode.support_x, episode.support_y, episode.query_x))
+    params = {k: v.detach() for k, v in backbone.named_parameters()}
+    buffers = dict(backbone.named_buffers())
+    with torch.no_grad():
+        adapted, head = inner_adapt(backbone, params, buffers, episode.task_type, episode.num_outputs, support_x,
+                                    support_y, steps, lr, first_order=True, bn_train=bn_train)
+        with _mode(backbone, bn_train):
+            return _logits(backbone, adapted, buffers, head, query_x)
+
+
+@dataclass
+class MAMLConfig(Settings):
+    """mm-MAML settings (MedIMeta: 4 inner SGD steps at lr 0.1 in training, 32 at test, outer Adam
+    1e-3). The defaults fit a 2-core CPU (first order, 200 meta-steps); the ``paper`` profile
+    has MedIMeta's budget.
+
+    Training episodes: a source task drawn in proportion to its size, N uniform in 2..all
+    classes, K uniform in 1..``max_shot``, ``n_query`` queries per class. ``test_steps``,
+    ``inner_lr`` and ``bn_train`` also set the ``maml`` method's test-time rule. (Meta-SGD is
+    available from ``MAML(meta_sgd=True)`` for code of your own; the protocol does not use it.)
+    """
+
+    steps: int = setting(200, min=1)
+    meta_batch: int = setting(4, min=1)
+    inner_steps: int = setting(4, min=1)
+    inner_lr: float = setting(0.1, above=0)
+    test_steps: int = setting(32, min=1)
+    outer_lr: float = setting(1e-3, above=0)
+    first_order: bool = True
+    """Second order is exact but about 3x the cost."""
+    bn_train: bool = True
+    """BatchNorm in train mode on the query (transductive, as MedIMeta)."""
+    max_shot: int = setting(10, min=1)
+    n_query: int = setting(10, min=1)
+    checkpoint_every: int = setting(50, min=1)
+
+
+def train_maml(backbone: nn.Module, train: Mapping[str, MedMNISTTask], config: MAMLConfig, device: torch.device,
+               seed: int = 0, checkpoint: Path | None = None, writer: SummaryWriter | None = None,
+               on_step: Callable[[int], None] | None = None) -> MAML:
+    """Meta-train ``backbone`` with MAML on variable-way variable-shot episodes of the source tasks.
+
+    Meta-step s uses episodes s * meta_batch ... (s + 1) * meta_batch - 1 of a seeded
+    multi-task sampler, so resuming from the checkpoint replays exactly the same episodes.
+    """
+    datasets = [train[t] for t in sorted(train)]
+    sampler = MultiTaskEpisodeSampler(datasets, k_shot=config.max_shot, n_query=config.n_query,
+                                      n_episodes=config.steps * config.meta_batch, seed=seed,
+                                      variable=True, min_class_samples=config.max_shot + config.n_query)
+    maml = MAML(backbone.to(device), inner_steps=config.inner_steps, inner_lr=config.inner_lr,
+                first_order=config.first_order, outer_lr=config.outer_lr,
+                bn_train=config.bn_train, test_steps=config.test_steps)
+    step = 0
+    identity = checkpoint_identity(config, tasks=sorted(train), seed=seed)
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        check_identity(checkpoint, state.get("identity"), identity)
+        maml.load_state_dict(state["maml"])
+        step = state["step"]
+    with tqdm(total=config.steps, initial=step, desc="MAML", unit="meta-step") as bar:
+        while step < config.steps:
+            clock = time.perf_counter()
+            loss = maml.meta_step([sampler.episode(step * config.meta_batch + j) for j in range(config.meta_batch)])
+            maml.seconds += time.perf_counter() - clock
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if writer is not None:
+                writer.add_scalar("maml/query_loss", loss, step)
+            if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+                torch_save_atomic({"maml": maml.state_dict(), "step": step, "identity": identity}, checkpoint)
+            if on_step is not None:
+                on_step(step)
+    return maml

@@ -1,0 +1,177 @@
+"""Reading episodes: from ``EpisodeSpec`` indices to ``Episode`` tensors.
+
+``materialise`` gathers the images of consecutive episodes of one task together (one
+``dataset.get_batch`` call per group of up to ``CHUNK_BYTES`` of images), applies each
+dataset's transform per image and remaps labels to the episode's classes. ``EpisodeDataset``
+does the same inside DataLoader workers: the spec travels with the batch, so episodes are
+identical with any number of workers.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data.tasks import TaskDescription
+from ..errors import EpisodeError
+from .episode import Device, Episode, EpisodeSpec
+
+CHUNK_BYTES = 2 * 2**20
+"""Float bytes of images gathered at once; small enough to stay in cache."""
+
+
+class EpisodeSource(Protocol):
+    """What samplers and loaders need from a dataset; ``MedMNISTTask`` provides it (any split,
+    or ``"all"``). ``get_batch(indices) -> (x, y)`` is optional: without it images are stacked
+    from items."""
+
+    task: TaskDescription
+    split: str
+    labels: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _lookup(datasets: EpisodeSource | Sequence[EpisodeSource]) -> dict[tuple[str, str], EpisodeSource]:
+    if not isinstance(datasets, (list, tuple)):
+        datasets = [datasets]
+    return {(d.task.task_id, d.split): d for d in datasets}
+
+
+def _find(table: dict[tuple[str, str], EpisodeSource], spec: EpisodeSpec) -> EpisodeSource:
+    try:
+        return table[spec.task_id, spec.split]
+    except KeyError:
+        raise EpisodeError(f"episode {spec.index} is from {spec.task_id}/{spec.split}, but the datasets given are "
+                         f"{sorted('/'.join(k) for k in table)}") from None
+
+
+def _images(dataset: EpisodeSource, indices: np.ndarray) -> torch.Tensor:
+    get_batch = getattr(dataset, "get_batch", None)
+    if get_batch is not None:
+        return get_batch(indices)[0]
+    return torch.stack([dataset[int(i)][0] for i in indices])
+
+
+def _targets(task: TaskDescription, labels: np.ndarray, specs: Sequence[EpisodeSpec], rows: np.ndarray
+             ) -> torch.Tensor:
+    """Episode targets for the concatenated support+query rows of ``specs``."""
+    if task.task_type.multilabel:
+        columns = np.concatenate([np.broadcast_to(np.asarray(s.classes), (len(s), len(s.classes))) for s in specs])
+        return torch.from_numpy(np.take_along_axis(labels[rows], columns, axis=1).astype(np.float32))
+    lut = np.full((len(specs), max(task.num_classes, 1)), -1, dtype=np.int64)
+    for e, s in enumerate(specs):
+        lut[e, list(s.classes)] = np.arange(len(s.classes))
+    which = np.repeat(np.arange(len(specs)), [len(s) for s in specs])
+    original = labels[rows]
+    y = lut[which, original]
+    if (y < 0).any():
+        bad = int(np.flatnonzero(y < 0)[0])
+        raise EpisodeError(f"sample {int(rows[bad])} of {task.task_id} has label {int(original[bad])}, which is not one "
+                         f"of its episode's classes: the dataset is not the one the episode was drawn from")
+    return torch.from_numpy(y)
+
+
+def _image_bytes(task: TaskDescription) -> int:
+    return 4 * task.channels * task.size ** task.dims
+
+
+def _gather(dataset: EpisodeSource, rows: np.ndarray, device: Device, non_blocking: bool) -> torch.Tensor:
+    """Images for ``rows`` (transform applied per image), read in pieces of about CHUNK_BYTES
+    copied into one output: temporaries stay small and in cache, and with a device the host
+    holds one piece at a time, so memory stays bounded for 224px episodes."""
+    step = max(1, CHUNK_BYTES // _image_bytes(dataset.task))
+    if len(rows) <= step:
+        x = _images(dataset, rows)
+        return x if device is None else x.to(device, non_blocking=non_blocking)
+    out: torch.Tensor | None = None
+    for a in range(0, len(rows), step):
+        piece = _images(dataset, rows[a:a + step])
+        if out is None:
+            out = torch.empty((len(rows), *piece.shape[1:]), dtype=piece.dtype,
+                              device=piece.device if device is None else device)
+        out[a:a + len(piece)].copy_(piece, non_blocking=non_blocking)
+    assert out is not None
+    return out
+
+
+def _episode_images(dataset: EpisodeSource, spec: EpisodeSpec, device: Device, non_blocking: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Support and query images of one episode: views of one gather when small (one storage
+    to pass between processes), separate piecewise gathers when large (no huge temporary)."""
+    if len(spec) * _image_bytes(dataset.task) <= CHUNK_BYTES:
+        x = _gather(dataset, spec.indices, device, non_blocking)
+        ns = len(spec.support_indices)
+        return x[:ns], x[ns:]
+    return (_gather(dataset, spec.support_indices, device, non_blocking),
+            _gather(dataset, spec.query_indices, device, non_blocking))
+
+
+def _check_rows(dataset: EpisodeSource, rows: np.ndarray) -> None:
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(dataset)):
+        raise EpisodeError(f"episode indices out of range for {dataset.task.task_id}/{dataset.split} "
+                         f"({len(dataset)} samples): the dataset is not the one the episode was drawn from")
+
+
+def _assemble(dataset: EpisodeSource, specs: Sequence[EpisodeSpec], device: Device,
+              non_blocking: bool) -> list[Episode]:
+    """Episodes for consecutive specs of one dataset: several small episodes share one gather
+    and one transfer (then views); a lone one is read by ``_episode_images``."""
+    rows = np.concatenate([a for s in specs for a in (s.support_indices, s.query_indices)])
+    _check_rows(dataset, rows)
+    y = _targets(dataset.task, np.asarray(dataset.labels), specs, rows)
+    if device is not None:
+        y = y.to(device, non_blocking=non_blocking)
+    sizes = [n for s in specs for n in (len(s.support_indices), len(s.query_indices))]
+    ys = torch.split(y, sizes)
+    if len(specs) == 1:
+        xs = _episode_images(dataset, specs[0], device, non_blocking)
+    else:
+        xs = torch.split(_gather(dataset, rows, device, non_blocking), sizes)
+    return [Episode(xs[2 * e], ys[2 * e], xs[2 * e + 1], ys[2 * e + 1], dataset.task.task_type, s.classes,
+                    s.task_id, s.split, s.support_indices, s.query_indices, s.seed, s.index)
+            for e, s in enumerate(specs)]
+
+
+def materialise(datasets: EpisodeSource | Sequence[EpisodeSource], specs: Iterable[EpisodeSpec],
+                device: Device = None, non_blocking: bool = False) -> Iterator[Episode]:
+    """Build Episodes from specs, gathering consecutive episodes of one task together
+    (up to ``CHUNK_BYTES`` of images) and applying each dataset's transform per image."""
+    table = _lookup(datasets)
+    chunk: list[EpisodeSpec] = []
+    used = 0
+    for spec in specs:
+        size = len(spec) * _image_bytes(_find(table, spec).task)
+        if chunk and ((spec.task_id, spec.split) != (chunk[0].task_id, chunk[0].split)
+                      or used + size > CHUNK_BYTES):
+            yield from _assemble(_find(table, chunk[0]), chunk, device, non_blocking)
+            chunk, used = [], 0
+        chunk.append(spec)
+        used += size
+    if chunk:
+        yield from _assemble(_find(table, chunk[0]), chunk, device, non_blocking)
+
+
+class EpisodeDataset(Dataset):
+    """A map-style dataset keyed by ``EpisodeSpec``, for ``DataLoader(batch_sampler=sampler,
+    collate_fn=collate_episode)``: images are gathered and transformed in the workers."""
+
+    def __init__(self, datasets: EpisodeSource | Sequence[EpisodeSource]) -> None:
+        self.table = _lookup(datasets)
+
+    def __getitems__(self, spec: EpisodeSpec) -> Episode:
+        if not isinstance(spec, EpisodeSpec):
+            raise TypeError(f"EpisodeDataset is indexed by EpisodeSpec (use an episode sampler as batch_sampler), "
+                            f"got {type(spec).__name__}")
+        return _assemble(_find(self.table, spec), [spec], None, False)[0]
+
+    __getitem__ = __getitems__
+
+
+def collate_episode(episode: Episode) -> Episode:
+    """The DataLoader collate function for ``EpisodeDataset``: the episode is already whole."""
+    return episode

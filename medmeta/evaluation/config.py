@@ -1,0 +1,176 @@
+"""The experiment config: one typed object, defaults in one place, every value checked at start.
+
+``ExperimentConfig`` gathers the sections every layer reads: the backbone (``ModelConfig``),
+the evaluation episodes, each adaptation rule's settings, mm-PT's and MAML's training. Its
+defaults are the default profile, sized for a 2-core CPU; ``experiments/configs/*.yaml``
+profiles (``paper``: MedIMeta's budget for a GPU) override some of them, and ``--set
+key=value`` overrides any. Unknown keys and bad values are refused by name before any work.
+
+Methods are named on the command line and in ``methods``: a built-in method (``scratch``,
+``imagenet``, ``checkpoint``, ``mmpt``, ``maml``), an ``init+rule`` combination of built-ins
+(``mmpt+linear``, ``scratch+knn``), or ``package.module:ClassName`` for a user's ``Method``,
+``Initialisation`` or ``AdaptationRule`` (in ``init+rule``: ``scratch+my_rules:Centroid``).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+from ..errors import ConfigError, MethodError
+from ..learning.maml import MAMLConfig
+from ..learning.models import ModelConfig
+from ..learning.pretrain import PretrainConfig
+from ..methods import (INITIALISATIONS, KNN, LPFT, MMPT, AdaptationRule, Checkpoint, FineTune, ImageNet,
+                       Initialisation, LinearProbe, MAMLInit, MAMLInner, Method, Prototypes, Scratch)
+from ..settings import Settings, apply_sets, from_mapping, merge, read_profile, setting
+
+BUILTIN_METHODS = {"scratch": ("scratch", "finetune"), "imagenet": ("imagenet", "finetune"),
+                   "checkpoint": ("checkpoint", "finetune"), "mmpt": ("mmpt", "finetune"), "maml": ("maml", "inner")}
+"""Built-in method names and the initialisation and rule each stands for."""
+
+
+@dataclass
+class EpisodesConfig(Settings):
+    """The target's evaluation episodes (MedIMeta: all classes with >= 50 samples, 5 shots, 10 queries)."""
+
+    count: int = setting(100, min=1)
+    shots: int = setting(5, min=1)
+    queries: int = setting(10, min=1)
+    n_way: int | Literal["all"] = "all"
+    min_class_samples: int | None = setting(50, min=1)
+    """Classes (multi-label: labels, by positives and negatives) with fewer samples over the
+    episode split are left out; null keeps all."""
+    split: Literal["train", "val", "test", "all"] = "all"
+    """The target is never seen in pretraining, so episodes come from all its splits."""
+    file: str | None = None
+    """A stored episode set to evaluate on; its own settings replace the ones above."""
+    chunk: int = setting(10, min=1)
+    """Episodes gathered and adapted at a time (bounds memory)."""
+
+
+@dataclass
+class AdaptationConfig(Settings):
+    """Settings of the built-in adaptation rules (MAML's test-time rule is set in ``maml``)."""
+
+    finetune: FineTune = field(default_factory=FineTune)
+    linear: LinearProbe = field(default_factory=LinearProbe)
+    knn: KNN = field(default_factory=KNN)
+    proto: Prototypes = field(default_factory=Prototypes)
+    lpft: LPFT = field(default_factory=LPFT)
+
+
+@dataclass
+class ExperimentConfig(Settings):
+    """One leave-one-out experiment (see the module docstring)."""
+
+    target: str = "retina"
+    methods: list[str] = field(default_factory=lambda: ["scratch", "mmpt"])
+    reference: str = "scratch"
+    """Paired per-episode differences are reported against this method."""
+    sources: Literal["default", "available"] | list[str] = "default"
+    """default: every allowed source; available: those built or in --source-dir; or a list."""
+    size: Literal[28, 64, 128, 224] = 28
+    seed: int = setting(0, min=0)
+    device: str = "auto"
+    checkpoint: str | None = None
+    """A backbone state dict for the ``checkpoint`` initialisation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    episodes: EpisodesConfig = field(default_factory=EpisodesConfig)
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    maml: MAMLConfig = field(default_factory=MAMLConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.methods or any(not m.strip() for m in self.methods):
+            raise ConfigError(f"config key methods: name at least one method, got {self.methods!r}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"config key methods: a method is named twice in {self.methods!r}")
+
+
+def load_experiment_config(profile: str | Path | None = None, folder: Path | None = None,
+                           overrides: Mapping[str, Any] | None = None, sets: Iterable[str] = ()) -> ExperimentConfig:
+    """The defaults, merged with a YAML profile (path or name in ``folder``), then ``overrides``
+    (nested mapping, e.g. from command-line flags) and ``--set KEY=VALUE`` strings."""
+    data: dict[str, Any] = read_profile(profile, folder or Path.cwd()) if profile else {}
+    data = merge(data, overrides or {})
+    return from_mapping(ExperimentConfig, apply_sets(data, sets))
+
+
+def _import(path: str) -> Any:
+    """``package.module:Name``, imported with the working directory on the path (as a user expects)."""
+    module, _, name = path.partition(":")
+    if not module or not name:
+        raise MethodError(f"method {path!r}: an import path is package.module:ClassName")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        raise MethodError(f"method {path!r}: cannot import {exc.name!r}; is it on PYTHONPATH?") from None
+    except AttributeError:
+        raise MethodError(f"method {path!r}: module {module!r} has no {name!r}") from None
+    return obj() if isinstance(obj, type) else obj
+
+
+def _init(name: str, config: ExperimentConfig) -> Initialisation:
+    if ":" in name:
+        obj = _import(name)
+        if not isinstance(obj, Initialisation):
+            raise MethodError(f"method part {name!r} is a {type(obj).__name__}, not an Initialisation")
+        return obj
+    builtins: dict[str, Initialisation] = {
+        "scratch": Scratch(), "imagenet": ImageNet(), "checkpoint": Checkpoint(config.checkpoint),
+        "mmpt": MMPT(config.pretrain), "maml": MAMLInit(config.maml)}
+    if name not in builtins:
+        raise MethodError(f"unknown initialisation {name!r}; built-in: {sorted(INITIALISATIONS)}, "
+                          "or package.module:ClassName")
+    return builtins[name]
+
+
+def _rule(name: str, config: ExperimentConfig) -> AdaptationRule:
+    if ":" in name:
+        obj = _import(name)
+        if not isinstance(obj, AdaptationRule):
+            raise MethodError(f"method part {name!r} is a {type(obj).__name__}, not an AdaptationRule")
+        return obj
+    a, m = config.adaptation, config.maml
+    builtins: dict[str, AdaptationRule] = {
+        "finetune": a.finetune, "linear": a.linear, "knn": a.knn, "proto": a.proto, "lpft": a.lpft,
+        "inner": MAMLInner(steps=m.test_steps, lr=m.inner_lr, bn_train=m.bn_train)}
+    if name not in builtins:
+        raise MethodError(f"unknown adaptation rule {name!r}; built-in: {sorted(builtins)}, or package.module:ClassName")
+    return builtins[name]
+
+
+def build_method(spec: str, config: ExperimentConfig) -> Method:
+    """The ``Method`` a name stands for (see the module docstring)."""
+    spec = spec.strip()
+    parts = spec.split("+")
+    if len(parts) == 2:
+        return Method(_init(parts[0].strip(), config), _rule(parts[1].strip(), config), name=spec)
+    if len(parts) != 1:
+        raise MethodError(f"method {spec!r}: write a built-in name, init+rule or package.module:ClassName")
+    if ":" in spec:
+        obj = _import(spec)
+        if isinstance(obj, Method):
+            return obj
+        if isinstance(obj, AdaptationRule):
+            return Method(Scratch(), obj, name=spec)
+        raise MethodError(f"method {spec!r} is a {type(obj).__name__}; give a Method, an AdaptationRule "
+                          "(used on scratch) or an init+rule pair")
+    if spec not in BUILTIN_METHODS:
+        raise MethodError(f"unknown method {spec!r}; built-in: {sorted(BUILTIN_METHODS)}, an init+rule pair "
+                          f"(initialisations {sorted(INITIALISATIONS)}, rules finetune, linear, knn, proto, lpft, "
+                          "inner) or package.module:ClassName")
+    init, rule = BUILTIN_METHODS[spec]
+    return Method(_init(init, config), _rule(rule, config), name=spec)
+
+
+def build_methods(config: ExperimentConfig) -> list[Method]:
+    """Every method the config names, in order."""
+    return [build_method(name, config) for name in config.methods]

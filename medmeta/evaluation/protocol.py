@@ -1,0 +1,308 @@
+"""The leave-one-out few-shot protocol (MedIMeta, reference section 2) on MedMNIST.
+
+For a target subset: pick the sources (every subset of the same dimensionality except the
+target and its exclusion groups, from the manifest), build whatever is missing, fix one set
+of evaluation episodes drawn from the whole target dataset (all splits: the target is never
+seen in pretraining) and store it, then for each method build its backbone (training on the
+sources if the initialisation needs it) and let its adaptation rule score every episode's
+query set. Every method sees the same episodes and the same per-episode seeds, so methods
+are compared episode by episode (paired differences to ``config.reference``).
+
+Nothing finished is done twice: each method's result is cached in ``out/methods/`` under a
+hash of everything it depends on, and trained initialisations keep their checkpoints in
+``pretrained/<init>-<hash>/`` (hash of the training settings, backbone, size, sources and seed),
+so an interrupted run resumes mid-training and methods sharing an initialisation train it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from ..data.manifest import Manifest
+from ..data.store import Store
+from ..data.tasks import MedMNISTTask, find_task
+from ..episodes import EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
+from ..errors import ConfigError, EpisodeError, MethodError
+from ..files import write_text_atomic
+from ..learning.runtime import NOT_TRAINING_KEYS, resolve_device
+from ..methods import InitContext, Method, Sources
+from .config import ExperimentConfig, build_methods
+from .results import add_paired_differences, format_table, package_versions, plot_results, summarise, write_results
+
+SEED_STRIDE = 100003
+"""Episode i of a run with seed s gets seed s * SEED_STRIDE + i (e.g. for its head)."""
+
+
+@dataclass
+class Target:
+    """What the methods are evaluated on: the target dataset and its fixed episodes."""
+
+    dataset: MedMNISTTask
+    episodes: EpisodeSet
+    dropped: tuple[str, ...]
+    """Classes (labels) that ``min_class_samples`` left out."""
+
+
+def stable_hash(obj: Any) -> str:
+    """A short hash of a JSON-able object, identical in every process."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def resolve_sources(store: Store, target: str, sources: str | list[str], source_dir: str | None,
+                    size: int) -> list[str]:
+    """Source subsets for a target: ``default`` (all allowed), ``available`` (allowed, and built or
+    present locally at ``size``) or a list."""
+    manifest = store.manifest
+    allowed = manifest.allowed_sources(target)
+    if sources == "default":
+        chosen = allowed
+    elif sources == "available":
+        built = {s for s, z in store.built() if z == size}
+
+        def local(name: str) -> bool:
+            info = manifest[name]
+            folders = [Path(f) for f in (source_dir, info.home) if f]
+            return size in info.files and any((f / info.file(size).file).is_file() for f in folders)
+
+        chosen = [n for n in allowed if n in built or local(n)]
+    else:
+        chosen = [manifest.resolve(s) for s in sources]
+        banned = [s for s in chosen if s not in allowed]
+        if banned:
+            raise ConfigError(f"sources {banned} are not allowed for target {target}: they are the target, share "
+                              f"its exclusion group or have other dimensionality; allowed: {allowed}")
+    if not chosen:
+        raise ConfigError(f"target {target} has no allowed source subsets ({sources}): allowed are "
+                          f"{allowed or 'none'}; prepare some with `medmeta prepare` or pass --source-dir")
+    return chosen
+
+
+def _episode_file_settings(stored: EpisodeSet) -> dict[str, Any]:
+    s = stored.sampler
+    return {"shots": s["k_shot"], "queries": s["n_query"], "n_way": s["n_way"],
+            "min_class_samples": s["min_class_samples"], "count": len(stored), "split": stored.split}
+
+
+def prepare_target(store: Store, config: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, Target]:
+    """The target and its fixed evaluation episodes, created once in ``out`` and reused.
+
+    With ``episodes.file`` the stored set's own settings (shots, queries, way, count, split)
+    replace the config's, and the returned config says so.
+    """
+    ep = config.episodes
+    task = find_task(config.target, config.size, store.manifest)
+    if ep.file:
+        path = Path(ep.file)
+        if not path.is_file():
+            raise EpisodeError(f"episode set {path} not found (--episodes-file)")
+        stored = load_episode_set(path)
+        settings = _episode_file_settings(stored)
+        differing = [f"{k} {v!r} (the config said {getattr(ep, k)!r})" for k, v in settings.items()
+                     if getattr(ep, k) != v]
+        if differing:
+            print(f"using the settings of episode set {path}: {', '.join(differing)}")
+        config = config.replace(episodes=ep.replace(**settings))
+        dataset = MedMNISTTask(store, task, split=stored.split, size=config.size)
+        stored.check(dataset)
+        sampler = EpisodeSampler(dataset, settings["n_way"], settings["shots"], settings["queries"],
+                                 settings["count"], stored.seed, settings["min_class_samples"])
+        return config, Target(dataset, stored, sampler.dropped)
+    dataset = MedMNISTTask(store, task, split=ep.split, size=config.size)
+    sampler = EpisodeSampler(dataset, n_way=ep.n_way, k_shot=ep.shots, n_query=ep.queries, n_episodes=ep.count,
+                             seed=config.seed, min_class_samples=ep.min_class_samples)
+    path = out / f"episodes_{task.task_id}_{config.size}px_{ep.shots}shot.json"
+    if path.is_file():
+        stored = load_episode_set(path)
+        stored.check(dataset)
+        wanted = sampler.episode_set()
+        if (stored.sampler, len(stored), stored.seed) != (wanted.sampler, len(wanted), wanted.seed):
+            raise EpisodeError(f"episode set {path} holds {len(stored)} episodes drawn with {stored.sampler}, seed "
+                               f"{stored.seed}; this run asks for {len(wanted)} with {wanted.sampler}, seed "
+                               f"{wanted.seed}: use another --out folder or delete the file")
+    else:
+        save_episode_set(path, sampler)
+        stored = load_episode_set(path)
+    return config, Target(dataset, stored, sampler.dropped)
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: int, device: torch.device,
+                    chunk: int = 10, episodes: Sequence[int] | None = None, desc: str | None = None
+                    ) -> list[dict[str, float]]:
+    """Adapt to every episode (or those at the given positions of the set) and score its query set.
+
+    The rule sees each episode without its query labels. Episode i's seed is
+    ``seed * SEED_STRIDE + i``, so a result is a pure function of the episode, the backbone and
+    the seed, whatever else runs.
+    """
+    specs = list(target.episodes) if episodes is None else [target.episodes[i] for i in episodes]
+    per_episode: list[dict[str, float]] = []
+    stream = materialise(target.dataset, specs, device=device)
+    with tqdm(total=len(specs), desc=desc or f"adapt {method.name}", unit="episode") as bar:
+        for batch in _chunks(stream, chunk):
+            scores = method.predict_many(backbone, [e.without_query_labels() for e in batch],
+                                         [seed * SEED_STRIDE + e.index for e in batch])
+            for e, s in zip(batch, scores):
+                want = (len(e.query_x), e.num_outputs)
+                if tuple(s.shape) != want:
+                    raise MethodError(f"method {method.name} returned scores shaped {tuple(s.shape)} for episode "
+                                      f"{e.index}; expected (n_query, num_outputs) = {want}")
+                assert e.query_y is not None
+                per_episode.append({"episode": e.index, **e.task_type.evaluate(e.query_y.cpu(), s.float().cpu())})
+            bar.update(len(batch))
+            bar.set_postfix(auroc=f"{summarise(per_episode)['auroc']:.3f}")
+    return per_episode
+
+
+def _without_training_keys(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _without_training_keys(v) for k, v in obj.items() if k not in NOT_TRAINING_KEYS}
+    return obj
+
+
+def init_folder(pretrained: Path, method: Method, config: ExperimentConfig, dims: int, sources: list[str]) -> Path:
+    """Where an initialisation keeps its training: named by everything the training depends on."""
+    settings = method.init.settings()
+    identity = {"init": _without_training_keys(settings), "model": config.model.to_dict(), "size": config.size,
+                "dims": dims, "sources": sources if method.needs_sources else [], "seed": config.seed}
+    return pretrained / f"{settings['name']}-{stable_hash(identity)}"
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
+class Protocol:
+    """One leave-one-out experiment: its store, target, sources, episodes and output folders.
+
+    ``run()`` does it all; the steps are methods so that a sweep or a distributed run can
+    call them in its own order.
+    """
+
+    def __init__(self, config: ExperimentConfig, out: Path, methods: Sequence[Method] | None = None,
+                 root: str | Path | None = None, source_dir: str | None = None, manifest: Manifest | None = None,
+                 pretrained: Path | None = None) -> None:
+        self.store = Store(root, manifest)
+        target = self.store.manifest.resolve(config.target)
+        self.config = config.replace(target=target)
+        self.methods = list(methods) if methods is not None else build_methods(self.config)
+        self.dims = self.store.manifest[target].dims
+        for m in self.methods:
+            if self.dims not in m.init.dims:
+                raise MethodError(f"method {m.name} needs a {' or '.join(f'{d}D' for d in m.init.dims)} target; "
+                                  f"{target} is {self.dims}D")
+        self.out = Path(out)
+        self.pretrained = Path(pretrained) if pretrained is not None else self.out / "pretrained"
+        self.source_dir = source_dir
+        needs_sources = any(m.needs_sources for m in self.methods)
+        self.sources = (resolve_sources(self.store, target, self.config.sources, source_dir, self.config.size)
+                        if needs_sources else [])
+        self.device = resolve_device(self.config.device)
+        self._backbones: dict[Path, tuple[nn.Module, float]] = {}
+
+    def build_store(self) -> None:
+        for name in [self.config.target, *self.sources]:
+            self.store.build(name, self.config.size, source_dir=self.source_dir)
+
+    def source_data(self) -> Sources:
+        def split(name: str) -> dict[str, MedMNISTTask]:
+            return {s: MedMNISTTask(self.store, s, name, size=self.config.size) for s in self.sources}
+
+        return Sources(split("train"), split("val"))
+
+    def cache_key(self, method: Method, target: Target) -> str:
+        c = self.config
+        return stable_hash({"method": method.settings(), "model": c.model.to_dict(), "size": c.size, "seed": c.seed,
+                            "sources": self.sources if method.needs_sources else [],
+                            "episodes": [target.episodes.task_id, target.episodes.seed, target.episodes.sampler,
+                                         len(target.episodes), target.episodes.labels_crc32]})
+
+    def backbone(self, method: Method, writer: SummaryWriter | None) -> tuple[nn.Module, float]:
+        """The method's starting backbone and its training seconds (all sessions, if it resumed);
+        built once per initialisation folder in this run."""
+        folder = init_folder(self.pretrained, method, self.config, self.dims, self.sources)
+        if folder not in self._backbones:
+            start = time.perf_counter()
+            context = InitContext(self.dims, self.config.size, self.config.model, self.config.seed, self.device,
+                                  folder, self.source_data() if method.needs_sources else None, writer)
+            backbone = method.prepare(context).to(self.device)
+            log = folder / "training.json"
+            seconds = (json.loads(log.read_text())["seconds"] if log.is_file()
+                       else time.perf_counter() - start)
+            self._backbones[folder] = (backbone, seconds)
+        return self._backbones[folder]
+
+    def run(self) -> dict[str, Any]:
+        """Run every method (reusing cached results) and write results.json/csv, the plot and the table."""
+        self.build_store()
+        self.out.mkdir(parents=True, exist_ok=True)
+        config, target = prepare_target(self.store, self.config, self.out)
+        self.config = config
+        if target.dropped:
+            print(f"{target.dataset.task.task_id}: left out {', '.join(target.dropped)} (fewer than "
+                  f"min_class_samples={config.episodes.min_class_samples} samples)")
+        results: dict[str, Any] = {
+            "target": config.target, "task": target.dataset.task.task_id, "sources": self.sources,
+            "config": config.to_dict(), "seed": config.seed, "device": str(self.device),
+            "versions": package_versions(), "reference": config.reference,
+            "episode_set": {"task": target.episodes.task_id, "split": target.episodes.split,
+                            "count": len(target.episodes), "sampler": target.episodes.sampler,
+                            "seed": target.episodes.seed, "dropped": list(target.dropped)},
+            "methods": {}}
+        with SummaryWriter(self.out / "tensorboard") as writer:
+            for method in self.methods:
+                results["methods"][method.name] = self.run_method(method, target, writer)
+                add_paired_differences(results["methods"], config.reference)
+                write_results(self.out, results)
+        plot_results(self.out, results)
+        print(format_table(results))
+        return results
+
+    def run_method(self, method: Method, target: Target, writer: SummaryWriter | None) -> dict[str, Any]:
+        """One method's result: from the cache, or trained, adapted and scored (then cached)."""
+        cache = self.out / "methods" / f"{_safe(method.name)}.json"
+        key = self.cache_key(method, target)
+        if cache.is_file():
+            cached = json.loads(cache.read_text())
+            if cached.get("key") == key:
+                return cached["result"]
+        start = time.perf_counter()
+        backbone, train_seconds = self.backbone(method, writer)
+        adapt_start = time.perf_counter()
+        per_episode = evaluate_method(method, backbone, target, self.config.seed, self.device,
+                                      self.config.episodes.chunk)
+        done = time.perf_counter()
+        if writer is not None:
+            for e in per_episode:
+                writer.add_scalar(f"adapt/{_safe(method.name)}/auroc", e["auroc"], e["episode"])
+        result = {"summary": summarise(per_episode), "per_episode": per_episode, "settings": method.settings(),
+                  "seconds": {"train": train_seconds, "adapt": done - adapt_start, "total": done - start}}
+        write_text_atomic(cache, json.dumps({"key": key, "result": result}, default=str))
+        return result
+
+
+def run_protocol(config: ExperimentConfig, out: str | Path, methods: Sequence[Method] | None = None,
+                 root: str | Path | None = None, source_dir: str | None = None, manifest: Manifest | None = None,
+                 pretrained: str | Path | None = None) -> dict[str, Any]:
+    """Run one leave-one-out experiment and write its results under ``out`` (see ``Protocol``).
+
+    ``methods``: ``Method`` objects to compare (default: those ``config.methods`` names).
+    """
+    return Protocol(config, Path(out), methods, root, source_dir, manifest,
+                    None if pretrained is None else Path(pretrained)).run()

@@ -1,0 +1,213 @@
+"""Multi-domain multi-task pretraining (mm-PT).
+
+Batches come straight from ``MedMNISTTask.get_batch`` (one gather per batch); scores use
+MedMNIST evaluator semantics (``TaskType.evaluate``); progress goes to TensorBoard and the
+model that did best on validation AUROC is kept.
+
+mm-PT (MedIMeta, reference section 2): a shared backbone with one linear head per source
+task; every batch comes from a single task; the task is drawn with probability proportional
+to its training-set size (``sampling="proportional"``), uniformly, or tempered
+(size ** (1 / temperature)); the loss fits the task type; ``reweight`` scales each task's
+loss by (1 / n_tasks) / p(task) so small tasks are not drowned by large ones. Validation is
+the mean AUROC over all source tasks; training stops early when it has not improved for
+``patience`` evaluations.
+
+BatchNorm at validation: every batch is single-task, so the running statistics mostly come
+from whichever task was trained last, and validating another task with them misjudges it
+(0.73 instead of 0.86 AUROC on BreastMNIST). Each task is therefore validated with running
+statistics re-estimated on ``bn_batches`` of its own training batches (weights unchanged, the
+training statistics restored afterwards), so model selection measures the features.
+
+Checkpoints hold the model, optimiser, every random state, the step and the training
+config (minus ``steps``); a resumed run continues exactly as if it had never stopped, and a
+checkpoint written under another config or other sources is refused, naming what differs.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from ..data.tasks import MedMNISTTask
+from ..episodes import task_probabilities
+from ..errors import ConfigError
+from ..files import torch_save_atomic
+from ..settings import Settings, setting
+from .models import MultiHeadModel, batchnorm_restored, reestimate_batchnorm
+from .runtime import autocast, check_identity, checkpoint_identity, evaluate_split, to_device
+
+
+@dataclass
+class PretrainConfig(Settings):
+    """mm-PT settings (see the module docstring). The defaults fit a 2-core CPU; the ``paper``
+    profile has MedIMeta's budget."""
+
+    steps: int = setting(1500, min=1)
+    batch_size: int = setting(64, min=1)
+    lr: float = setting(1e-3, above=0)
+    sampling: Literal["proportional", "uniform", "tempered"] = "proportional"
+    temperature: float = setting(2.0, above=0)
+    reweight: bool = False
+    eval_every: int = setting(250, min=1)
+    patience: int = setting(4, min=1)
+    """Evaluations without improvement of the mean validation AUROC before stopping."""
+    val_max: int = setting(500, min=1)
+    """Validation images per source task (a fixed random subset)."""
+    bn_batches: int = setting(8, min=1)
+    """Training batches per task that give its BatchNorm statistics at validation."""
+    checkpoint_every: int = setting(250, min=1)
+
+
+class MultiTaskPretrainer:
+    """mm-PT: shared backbone, one head per source task, single-task batches, exact resume."""
+
+    def __init__(self, backbone: nn.Module, train: Mapping[str, MedMNISTTask], val: Mapping[str, MedMNISTTask],
+                 config: PretrainConfig, device: torch.device, seed: int = 0, checkpoint: Path | None = None,
+                 writer: SummaryWriter | None = None) -> None:
+        if not train:
+            raise ConfigError("mm-PT needs at least one source task")
+        self.task_ids = sorted(train)
+        self.train, self.val, self.config, self.device, self.seed = train, val, config, device, seed
+        self.model = MultiHeadModel(backbone, {t: train[t].task.num_outputs for t in self.task_ids}).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True)
+        self.probs = task_probabilities([len(train[t]) for t in self.task_ids], config.sampling, config.temperature)
+        self.loss_weights = (1.0 / len(self.task_ids)) / self.probs if config.reweight else np.ones(len(self.task_ids))
+        self.rng = np.random.default_rng(seed)
+        self.val_indices = {t: np.sort(np.random.default_rng(seed).permutation(len(v))[:config.val_max])
+                            for t, v in val.items()}
+        self.cursors = {t: (np.empty(0, np.int64), 0) for t in self.task_ids}
+        self.step = 0
+        self.best_score = -1.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_evals = 0
+        self.history: list[dict[str, float]] = []
+        self.seconds = 0.0
+        """Training time over every session of this run (resumes included)."""
+        self.checkpoint, self.writer = checkpoint, writer
+        torch.manual_seed(seed)
+        if checkpoint is not None and checkpoint.is_file():
+            self.load(checkpoint)
+
+    def _next_indices(self, task_id: str) -> np.ndarray:
+        """Next batch of a task: epochs of shuffled indices, drawn from the pretrainer's own RNG."""
+        order, pos = self.cursors[task_id]
+        if pos + self.config.batch_size > len(order):
+            order, pos = self.rng.permutation(len(self.train[task_id])), 0
+        batch = order[pos:pos + self.config.batch_size]
+        self.cursors[task_id] = (order, pos + self.config.batch_size)
+        return np.sort(batch)
+
+    def train_step(self) -> tuple[str, float]:
+        """One optimiser step on one batch of one task drawn by the sampling rule."""
+        k = int(self.rng.choice(len(self.task_ids), p=self.probs))
+        task_id = self.task_ids[k]
+        ds = self.train[task_id]
+        x, y = to_device(*ds.get_batch(self._next_indices(task_id)), self.device)
+        self.model.train()
+        with autocast(self.device):
+            logits = self.model(x, task_id).float()
+        loss = ds.task.task_type.loss(logits, y) * float(self.loss_weights[k])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.step += 1
+        return task_id, loss.item()
+
+    def bn_batches(self, task_id: str) -> list[torch.Tensor]:
+        """``bn_batches`` training batches of one task for its BatchNorm statistics at validation.
+
+        Drawn from a generator of their own, seeded by (seed, step, task), so validating never
+        changes the training's random streams and a resumed run validates identically.
+        """
+        ds, size = self.train[task_id], self.config.batch_size
+        rng = np.random.default_rng([self.seed, self.step, zlib.crc32(task_id.encode())])
+        order = rng.permutation(len(ds))[:self.config.bn_batches * size]
+        return [to_device(*ds.get_batch(np.sort(order[i:i + size])), self.device)[0]
+                for i in range(0, len(order), size)]
+
+    def validate(self) -> dict[str, float]:
+        """Validation AUROC and accuracy per source task (each with its own BatchNorm statistics,
+        see the module docstring) and their mean AUROC."""
+        scores: dict[str, float] = {}
+        for task_id, ds in self.val.items():
+            with batchnorm_restored(self.model.backbone):
+                with autocast(self.device):
+                    reestimate_batchnorm(self.model.backbone, self.bn_batches(task_id))
+                res = evaluate_split(lambda x, t=task_id: self.model(x, t), self.model, ds, self.device,
+                                     self.val_indices[task_id])
+            scores[f"{task_id}/auroc"], scores[f"{task_id}/acc"] = res["auroc"], res["acc"]
+        scores["mean_auroc"] = float(np.nanmean([v for k, v in scores.items() if k.endswith("/auroc")]))
+        return scores
+
+    def run(self, on_step: Callable[[int], None] | None = None) -> nn.Module:
+        """Train until ``steps`` or early stopping; return the backbone with the best validation AUROC."""
+        cfg = self.config
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="mm-PT", unit="step")
+        clock = time.perf_counter()
+        while self.step < cfg.steps and self.bad_evals < cfg.patience:
+            task_id, loss = self.train_step()
+            bar.update(1)
+            bar.set_postfix(task=task_id.split("mnist")[0], loss=f"{loss:.3f}", best=f"{self.best_score:.3f}")
+            if self.writer is not None:
+                self.writer.add_scalar(f"pretrain/loss/{task_id}", loss, self.step)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                self._evaluate()
+            now = time.perf_counter()
+            self.seconds += now - clock
+            clock = now
+            if self.checkpoint is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                self.save(self.checkpoint)
+            if on_step is not None:
+                on_step(self.step)
+        bar.close()
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self.model.backbone
+
+    def _evaluate(self) -> None:
+        scores = self.validate()
+        self.history.append({"step": self.step, **scores})
+        if self.writer is not None:
+            for key, value in scores.items():
+                self.writer.add_scalar(f"pretrain/val/{key}", value, self.step)
+        if scores["mean_auroc"] > self.best_score:
+            self.best_score, self.bad_evals = scores["mean_auroc"], 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        else:
+            self.bad_evals += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "cursors": self.cursors, "best_score": self.best_score, "best_state": self.best_state,
+                "bad_evals": self.bad_evals, "history": self.history, "seconds": self.seconds,
+                "identity": self.identity}
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to resume this run (see ``checkpoint_identity``)."""
+        return checkpoint_identity(self.config, tasks=self.task_ids, seed=self.seed)
+
+    def save(self, path: Path) -> None:
+        torch_save_atomic(self.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        """Resume from a checkpoint written by ``save`` for the same source tasks."""
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        check_identity(path, state.get("identity"), self.identity)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.best_score, self.bad_evals = state["step"], state["best_score"], state["bad_evals"]
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        self.cursors, self.best_state, self.history = state["cursors"], state["best_state"], state["history"]
+        self.seconds = state["seconds"]

@@ -1,0 +1,83 @@
+"""What every training loop shares: devices, batches on the device, evaluation of a split,
+and checkpoints bound to the config that wrote them."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.tasks import MedMNISTTask
+from ..errors import ConfigError
+from ..settings import Settings
+
+NOT_TRAINING_KEYS = ("steps", "checkpoint_every", "test_steps")
+"""Config keys a checkpoint may be resumed under with another value: training more steps
+continues the same run exactly; the checkpoint cadence and test-time settings do not change
+the training."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda") from None
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch on ``device``: pinned and copied without blocking on CUDA."""
+    if device.type == "cuda":
+        x, y = x.pin_memory(), y.pin_memory()
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def autocast(device: torch.device):
+    """bfloat16 autocast on CUDA (mixed precision), a no-op on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def predict(forward: Callable[[torch.Tensor], torch.Tensor], dataset: MedMNISTTask, device: torch.device,
+            batch_size: int = 256, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels for a split (or the given indices), batch by batch."""
+    idx = np.arange(len(dataset)) if indices is None else indices
+    logits, labels = [], []
+    for start in range(0, len(idx), batch_size):
+        x, y = to_device(*dataset.get_batch(idx[start:start + batch_size]), device)
+        with autocast(device):
+            logits.append(forward(x).float().cpu())
+        labels.append(y.cpu())
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate_split(forward: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, dataset: MedMNISTTask,
+                   device: torch.device, indices: np.ndarray | None = None) -> dict[str, float]:
+    """AUROC and accuracy of ``forward`` on a dataset split, with ``module`` in eval mode."""
+    was_training = module.training
+    module.eval()
+    logits, labels = predict(forward, dataset, device, indices=indices)
+    module.train(was_training)
+    return dataset.task.task_type.evaluate(labels, logits)
+
+
+def checkpoint_identity(config: Settings, **context: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the config (minus ``NOT_TRAINING_KEYS``) and context."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in NOT_TRAINING_KEYS}
+    return {**fields, **context}
+
+
+def check_identity(path: Path, stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> None:
+    """Refuse to resume a checkpoint written under another config, naming the differences."""
+    stored = dict(stored or {})
+    diff = [f"{k}: {stored.get(k, '<missing>')!r} in the checkpoint, {wanted.get(k, '<missing>')!r} now"
+            for k in sorted(set(stored) | set(wanted)) if stored.get(k, "<missing>") != wanted.get(k, "<missing>")]
+    if diff:
+        raise ConfigError(f"checkpoint {path} was written under another training config ({'; '.join(diff)}); "
+                          "use another --out folder or delete the checkpoint")

@@ -1,0 +1,116 @@
+"""Built-in initialisations: where a method's backbone starts.
+
+============ =====================================================================================
+name         backbone
+============ =====================================================================================
+scratch      random initialisation (seeded)
+imagenet     torchvision's ImageNet weights (2D only; ``model.imagenet_weights`` for a local file)
+checkpoint   a state dict the user trained elsewhere (``Checkpoint(path)``, ``--checkpoint FILE``)
+mmpt         multi-domain multi-task pretraining on the leave-one-out sources (``learning.pretrain``)
+maml         mm-MAML meta-training on the leave-one-out sources (``learning.maml``)
+============ =====================================================================================
+
+The trained ones keep their checkpoints in the folder the protocol gives them, named by
+everything the training depends on, so a run resumes, and another method or target with the
+same sources and settings reuses the finished training.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import MethodError
+from ..files import torch_save_atomic, write_text_atomic
+from ..learning.maml import MAMLConfig, train_maml
+from ..learning.models import build_backbone
+from ..learning.pretrain import MultiTaskPretrainer, PretrainConfig
+from ..settings import Settings
+from .base import Initialisation, InitContext
+
+
+def random_backbone(context: InitContext, weights: str | None = None) -> nn.Module:
+    """The experiment's backbone (arch and stem from ``context.model``), seeded by ``context.seed``."""
+    torch.manual_seed(context.seed)
+    arch = context.model.arch if context.dims == 2 else "resnet18"
+    return build_backbone(arch, dims=context.dims, stem=context.model.stem, weights=weights).to(context.device)
+
+
+@dataclass
+class Scratch(Settings, Initialisation):
+    """Random initialisation."""
+
+    name: ClassVar[str] = "scratch"
+
+    def backbone(self, context: InitContext) -> nn.Module:
+        return random_backbone(context)
+
+
+@dataclass
+class ImageNet(Settings, Initialisation):
+    """torchvision ImageNet weights (downloaded, or ``model.imagenet_weights``)."""
+
+    name: ClassVar[str] = "imagenet"
+    dims: ClassVar[tuple[int, ...]] = (2,)
+
+    def backbone(self, context: InitContext) -> nn.Module:
+        return random_backbone(context, weights=context.model.imagenet_weights or "imagenet")
+
+
+@dataclass
+class Checkpoint(Settings, Initialisation):
+    """A backbone state dict from a file (torchvision keys, or a medmeta backbone's ``state_dict``)."""
+
+    name: ClassVar[str] = "checkpoint"
+    path: str | None = None
+
+    def backbone(self, context: InitContext) -> nn.Module:
+        if not self.path:
+            raise MethodError("the checkpoint initialisation needs a file: pass --checkpoint FILE "
+                              "(or set model.checkpoint)")
+        return random_backbone(context, weights=self.path)
+
+
+@dataclass
+class MMPT(Settings, Initialisation):
+    """Multi-domain multi-task pretraining on the sources; the backbone with the best validation AUROC."""
+
+    name: ClassVar[str] = "mmpt"
+    needs_sources: ClassVar[bool] = True
+    config: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def backbone(self, context: InitContext) -> nn.Module:
+        assert context.sources is not None, "the protocol gives trained initialisations their sources"
+        trainer = MultiTaskPretrainer(random_backbone(context), context.sources.train, context.sources.val,
+                                      self.config, context.device, seed=context.seed,
+                                      checkpoint=context.folder / "checkpoint.pt", writer=context.writer)
+        backbone = trainer.run()
+        torch_save_atomic(backbone.state_dict(), context.folder / "backbone.pt")
+        write_text_atomic(context.folder / "training.json", json.dumps(
+            {"seconds": trainer.seconds, "step": trainer.step, "best_score": trainer.best_score,
+             "history": trainer.history}))
+        return backbone
+
+
+@dataclass
+class MAMLInit(Settings, Initialisation):
+    """mm-MAML meta-training on the sources (only the backbone is meta-learned)."""
+
+    name: ClassVar[str] = "maml"
+    needs_sources: ClassVar[bool] = True
+    config: MAMLConfig = field(default_factory=MAMLConfig)
+
+    def backbone(self, context: InitContext) -> nn.Module:
+        assert context.sources is not None, "the protocol gives trained initialisations their sources"
+        maml = train_maml(random_backbone(context), context.sources.train, self.config, context.device,
+                          seed=context.seed, checkpoint=context.folder / "checkpoint.pt", writer=context.writer)
+        torch_save_atomic(maml.backbone.state_dict(), context.folder / "backbone.pt")
+        write_text_atomic(context.folder / "training.json", json.dumps({"seconds": maml.seconds}))
+        return maml.backbone
+
+
+INITIALISATIONS: dict[str, type[Initialisation]] = {i.name: i for i in (Scratch, ImageNet, Checkpoint, MMPT, MAMLInit)}
+"""Built-in initialisations by name."""

@@ -1,0 +1,220 @@
+"""Built-in adaptation rules; each works on any initialisation and every task type.
+
+============ ======================================================================================
+name         what it does with an episode
+============ ======================================================================================
+finetune     MedIMeta's rule: a fresh linear head and the whole network trained with Adam on the
+             support set (50 steps, lr 1e-3), query predicted in eval mode.
+linear       Linear probe (MedMNIST+'s "linear probing"): frozen backbone, L2-regularised logistic
+             regression on its features, solved with L-BFGS (scikit-learn's objective: mean loss
+             + ||W||^2 / (2 C n), per label for multi-label).
+knn          k-nearest neighbours on frozen features: each of the k nearest support images votes for
+             its label with weight 1 / (distance + 1e-8); a class's score is its share of the votes.
+             k = 5 by default, the number of shots, so that in a perfect feature space the whole
+             neighbourhood is one class (MedMNIST+'s k = 11 exceeds a 5-shot binary support's
+             classes). Euclidean (MedMNIST+'s released code) or cosine distance.
+proto        Prototypes (ProtoNet's nearest class mean, no meta-training): logits are minus the
+             squared Euclidean (or cosine) distance to each class mean. Binary: one logit,
+             d(negative mean) - d(positive mean). Multi-label: per label, a positive and a
+             negative prototype, logit d(negative) - d(positive).
+lpft         LP-FT: the linear probe's head, then full fine-tuning from it (keeps pretrained
+             features better than fine-tuning from a random head).
+inner        MAML's test-time rule: SGD from a zero head with BatchNorm in train mode on the query
+             (transductive); the ``maml`` method's rule, usable on any initialisation.
+============ ======================================================================================
+
+Frozen-feature rules (linear, knn, proto, and lpft's probe) re-estimate the backbone's
+BatchNorm statistics on the support set first (``learning.finetune.frozen_features``).
+Scores are turned into logits as ``TaskType.evaluate`` reads them: vote shares ``s`` become
+``log s`` (multi-class: the softmax gives ``s`` back) or ``log(s / (1 - s))`` (binary and
+multi-label: the sigmoid does), clipped to [1e-6, 1 - 1e-6].
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..episodes import Episode
+from ..learning.finetune import HeadState, WorkingCopy, fine_tune, fine_tune_episodes, frozen_features
+from ..learning.maml import adapt_and_predict as maml_adapt_and_predict
+from ..settings import Settings, setting
+from ..tasktype import TaskType
+from .base import AdaptationRule
+
+Metric = Literal["euclidean", "cosine"]
+SHARE_CLIP = 1e-6
+
+
+@dataclass
+class FineTune(Settings, AdaptationRule):
+    """Full fine-tuning from a fresh head (vmapped over episodes on CUDA, one by one on CPU)."""
+
+    name: ClassVar[str] = "finetune"
+    steps: int = setting(50, min=1)
+    lr: float = setting(1e-3, above=0)
+
+    def predict(self, backbone: nn.Module, episode: Episode, seed: int) -> Tensor:
+        return self.predict_many(backbone, [episode], [seed])[0]
+
+    def predict_many(self, backbone: nn.Module, episodes: Sequence[Episode], seeds: Sequence[int]) -> list[Tensor]:
+        return fine_tune_episodes(backbone, episodes, self.steps, self.lr, list(seeds))
+
+
+class FrozenFeatureRule(AdaptationRule):
+    """A rule that reads frozen features: override ``scores(support_features, support_y,
+    query_features, episode)``; the backbone's BatchNorm statistics come from the support set."""
+
+    def scores(self, support: Tensor, support_y: Tensor, query: Tensor, episode: Episode) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, backbone: nn.Module, episode: Episode, seed: int) -> Tensor:
+        return self.predict_many(backbone, [episode], [seed])[0]
+
+    def predict_many(self, backbone: nn.Module, episodes: Sequence[Episode], seeds: Sequence[int]) -> list[Tensor]:
+        work = WorkingCopy(backbone)
+        out = []
+        for episode in episodes:
+            support, query = frozen_features(work.reset(), episode)
+            out.append(self.scores(support, episode.support_y.to(support.device), query, episode))
+        return out
+
+
+def fit_linear_head(features: Tensor, y: Tensor, task_type: TaskType, num_outputs: int, c: float,
+                    max_iter: int) -> HeadState:
+    """L2-regularised logistic regression (scikit-learn's objective with inverse strength ``c``) by L-BFGS."""
+    n, d = features.shape
+    weight = features.new_zeros(num_outputs, d, requires_grad=True)
+    bias = features.new_zeros(num_outputs, requires_grad=True)
+    penalty = 1.0 / (2.0 * c * n * (num_outputs if task_type.multilabel else 1))
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = task_type.loss(F.linear(features, weight, bias), y) + penalty * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return {"weight": weight.detach(), "bias": bias.detach()}
+
+
+@dataclass
+class LinearProbe(Settings, FrozenFeatureRule):
+    """Logistic regression on frozen features (see the module docstring)."""
+
+    name: ClassVar[str] = "linear"
+    c: float = setting(1.0, above=0)
+    """Inverse regularisation strength, as scikit-learn's ``C``."""
+    max_iter: int = setting(100, min=1)
+
+    def head(self, support: Tensor, support_y: Tensor, episode: Episode) -> HeadState:
+        return fit_linear_head(support, support_y, episode.task_type, episode.num_outputs, self.c, self.max_iter)
+
+    def scores(self, support: Tensor, support_y: Tensor, query: Tensor, episode: Episode) -> Tensor:
+        head = self.head(support, support_y, episode)
+        return F.linear(query, head["weight"], head["bias"])
+
+
+def distances(query: Tensor, points: Tensor, metric: Metric, squared: bool = False) -> Tensor:
+    """(n_query, n_points) distances: Euclidean (optionally squared) or cosine (1 - cosine similarity)."""
+    if metric == "cosine":
+        return 1.0 - F.normalize(query, dim=1) @ F.normalize(points, dim=1).T
+    d = torch.cdist(query, points)
+    return d.square() if squared else d
+
+
+def _logit(share: Tensor) -> Tensor:
+    share = share.clamp(SHARE_CLIP, 1 - SHARE_CLIP)
+    return torch.log(share) - torch.log1p(-share)
+
+
+@dataclass
+class KNN(Settings, FrozenFeatureRule):
+    """Distance-weighted k-nearest-neighbour votes on frozen features (see the module docstring)."""
+
+    name: ClassVar[str] = "knn"
+    k: int = setting(5, min=1)
+    metric: Metric = "euclidean"
+
+    def scores(self, support: Tensor, support_y: Tensor, query: Tensor, episode: Episode) -> Tensor:
+        d = distances(query, support, self.metric)
+        nearest, idx = d.topk(min(self.k, len(support)), dim=1, largest=False)
+        w = 1.0 / (nearest + 1e-8)
+        total = w.sum(dim=1, keepdim=True)
+        if episode.task_type.multilabel:
+            return _logit((w.unsqueeze(2) * support_y[idx].to(w.dtype)).sum(dim=1) / total)
+        if episode.task_type.binary:
+            return _logit((w * support_y[idx].to(w.dtype)).sum(dim=1, keepdim=True) / total)
+        votes = torch.zeros(len(query), episode.num_outputs, dtype=w.dtype, device=w.device)
+        votes.scatter_add_(1, support_y[idx], w)
+        return torch.log((votes / total).clamp_min(SHARE_CLIP))
+
+
+def _mean_where(features: Tensor, mask: Tensor) -> Tensor:
+    return features[mask].mean(dim=0)
+
+
+@dataclass
+class Prototypes(Settings, FrozenFeatureRule):
+    """Nearest class mean on frozen features (see the module docstring)."""
+
+    name: ClassVar[str] = "proto"
+    metric: Metric = "euclidean"
+
+    def scores(self, support: Tensor, support_y: Tensor, query: Tensor, episode: Episode) -> Tensor:
+        if episode.task_type.multilabel:
+            y = support_y.bool()
+            pos = torch.stack([_mean_where(support, y[:, j]) for j in range(y.shape[1])])
+            neg = torch.stack([_mean_where(support, ~y[:, j]) for j in range(y.shape[1])])
+            return self._d(query, neg) - self._d(query, pos)
+        classes = 2 if episode.task_type.binary else episode.num_outputs
+        protos = torch.stack([_mean_where(support, support_y == c) for c in range(classes)])
+        d = self._d(query, protos)
+        return (d[:, 0] - d[:, 1]).unsqueeze(1) if episode.task_type.binary else -d
+
+    def _d(self, query: Tensor, protos: Tensor) -> Tensor:
+        return distances(query, protos, self.metric, squared=True)
+
+
+@dataclass
+class LPFT(Settings, AdaptationRule):
+    """Linear probe, then full fine-tuning from the probe's head."""
+
+    name: ClassVar[str] = "lpft"
+    probe: LinearProbe = field(default_factory=LinearProbe)
+    finetune: FineTune = field(default_factory=FineTune)
+
+    def predict(self, backbone: nn.Module, episode: Episode, seed: int) -> Tensor:
+        return self.predict_many(backbone, [episode], [seed])[0]
+
+    def predict_many(self, backbone: nn.Module, episodes: Sequence[Episode], seeds: Sequence[int]) -> list[Tensor]:
+        work = WorkingCopy(backbone)
+        out = []
+        for episode, seed in zip(episodes, seeds):
+            support, _ = frozen_features(work.reset(), episode)
+            head = self.probe.head(support, episode.support_y.to(support.device), episode)
+            out.append(fine_tune(work, episode, self.finetune.steps, self.finetune.lr, seed, head=head))
+        return out
+
+
+@dataclass
+class MAMLInner(Settings, AdaptationRule):
+    """SGD from a zero head, BatchNorm in train mode on the query (MAML's test-time adaptation)."""
+
+    name: ClassVar[str] = "inner"
+    steps: int = setting(32, min=1)
+    lr: float = setting(0.1, above=0)
+    bn_train: bool = True
+
+    def predict(self, backbone: nn.Module, episode: Episode, seed: int) -> Tensor:
+        return maml_adapt_and_predict(backbone, episode, self.steps, self.lr, self.bn_train)
+
+
+RULES: dict[str, type[AdaptationRule]] = {r.name: r for r in (FineTune, LinearProbe, KNN, Prototypes, LPFT, MAMLInner)}
+"""Built-in rules by name."""
