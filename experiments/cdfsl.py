@@ -1,10 +1,13 @@
-"""Leave-one-out cross-domain few-shot experiment on MedMNIST.
+"""Leave-one-out cross-domain few-shot experiment on MedMNIST: one target, or the whole table.
 
     MEDMETA_SOURCE_DIR=../shared/data/medmnist python experiments/cdfsl.py --target retina --sources available
+    MEDMETA_SOURCE_DIR=../shared/data/medmnist python experiments/cdfsl.py --target all --sources available
 
 Pretrains on every allowed source subset (all except the target and its exclusion groups),
 adapts each method to the same stored 5-shot episodes of the target, and writes
-results.json, results.csv, summary.csv, results.png and TensorBoard logs under --out.
+results.json, results.csv, summary.csv, results.png and TensorBoard logs under --out. With
+several targets (--target all, or a comma list) or seeds, one job per (target, seed) runs here
+(--launcher local) or on SLURM (--launcher slurm) and table.{json,csv,md,png} combines them.
 Methods: built-in names (scratch, imagenet, checkpoint, mmpt, maml), init+rule pairs
 (mmpt+linear, scratch+knn, ...) or package.module:ClassName for your own.
 """
@@ -18,10 +21,12 @@ from typing import Any
 
 import yaml
 
+from medmeta import distributed
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
 from medmeta.evaluation import load_experiment_config, run_protocol
+from medmeta.evaluation.sweep import Sweep
 from medmeta.settings import set_dotted
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -33,7 +38,19 @@ def _list(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", help="target subset, short or full name (retina, breast, nodule3d, ...)")
+    parser.add_argument("--target", help="target subset (retina, breast, nodule3d, ...), a comma list, or 'all' "
+                                         "(every subset present)")
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in _list(t)],
+                        help="comma list of seeds (pretraining, heads): one run per seed, mean and sd across seeds")
+    parser.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+                        help="run the jobs of a sweep here, on SLURM through submitit, or in submitit's local "
+                             "executor (subprocesses here)")
+    parser.add_argument("--no-wait", action="store_true", help="with --launcher slurm: submit and return; the same "
+                                                               "command later collects the table")
+    parser.add_argument("--partition", help="SLURM partition (or slurm.partition)")
+    parser.add_argument("--gpus", type=int, help="GPUs per SLURM job, one process each (or slurm.gpus_per_node)")
+    parser.add_argument("--time", type=int, help="SLURM time limit per job in minutes (or slurm.timeout_min)")
+    parser.add_argument("--mem", type=int, help="memory per SLURM job in GB (or slurm.mem_gb)")
     parser.add_argument("--methods", type=_list, help="comma-separated methods (see above)")
     parser.add_argument("--reference", help="method the paired differences are taken against (default scratch)")
     parser.add_argument("--sources", help="'default' (all allowed), 'available' (allowed and local) or a comma list")
@@ -41,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--episodes", type=int, help="number of evaluation episodes")
     parser.add_argument("--episodes-file", help="a stored episode set to evaluate on (its settings are used)")
     parser.add_argument("--size", type=int, help="image size (28, 64, 128, 224)")
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--seed", type=int, help="seed of a single run (pretraining, heads; the episodes have their own)")
     parser.add_argument("--weights", help="local ImageNet weights file for the imagenet initialisation")
     parser.add_argument("--checkpoint", help="a backbone state dict for the checkpoint initialisation")
     parser.add_argument("--config", help="YAML profile: a path or a name under experiments/configs/ (paper, smoke)")
@@ -52,17 +69,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest", action="append", help=f"a manifest of your own datasets (repeatable; or ${MANIFEST_ENV})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set pretrain.steps=500")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes on this machine: re-launches this command under torchrun (one per GPU, or "
+                             "one per core on a CPU); the same as `torchrun --nproc_per_node N experiments/cdfsl.py`")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     return parser.parse_args(argv)
+
+
+def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
+    """Run this script with the same arguments in ``nproc`` processes, with torch's own launcher."""
+    from torch.distributed.run import main as torchrun
+
+    args = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
+            and not a.startswith("--nproc=")]
+    torchrun(["--standalone", f"--nproc_per_node={nproc}", __file__, *args])
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The command-line flags as a nested config mapping (flags left out change nothing)."""
     sources = args.sources if args.sources in (None, "default", "available") else _list(args.sources)
-    flat = {"target": args.target, "methods": args.methods, "reference": args.reference, "sources": sources,
+    one_target = args.target if args.target and "," not in args.target and args.target != "all" else None
+    flat = {"target": one_target, "methods": args.methods, "reference": args.reference, "sources": sources,
             "episodes.shots": args.shots, "episodes.count": args.episodes, "episodes.file": args.episodes_file,
             "size": args.size, "seed": args.seed, "model.imagenet_weights": args.weights,
-            "checkpoint": args.checkpoint, "device": args.device}
+            "checkpoint": args.checkpoint, "device": args.device, "slurm.partition": args.partition,
+            "slurm.gpus_per_node": args.gpus, "slurm.timeout_min": args.time, "slurm.mem_gb": args.mem}
     out: dict[str, Any] = {}
     for key, value in flat.items():
         if value is not None:
@@ -71,16 +102,26 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.nproc > 1 and not distributed.launched():
+        relaunch_under_torchrun(args.nproc, argv)
+        return None
     try:
         config = load_experiment_config(args.config, CONFIGS, overrides(args), args.set)
         if args.print_config:
-            print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+            if distributed.is_main():
+                print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return None
         manifest = load_manifest(args.manifest)
-        out = Path(args.out or f"runs/cdfsl/{manifest[config.target].short_name}")
-        return run_protocol(config, out, root=args.root, manifest=manifest,
-                            source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV))
+        source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
+        targets = _list(args.target) if args.target else [config.target]
+        if targets == [config.target] and not args.seeds and args.launcher == "local":
+            out = Path(args.out or f"runs/cdfsl/{manifest[config.target].short_name}")
+            return run_protocol(config, out, root=args.root, manifest=manifest, source_dir=source_dir)
+        sweep = Sweep(config, targets, args.seeds or [config.seed], Path(args.out or "runs/cdfsl/sweep"),
+                      root=args.root, source_dir=source_dir, manifests=tuple(args.manifest or ()))
+        return sweep.run(args.launcher, wait=not args.no_wait)
     except MedmetaError as exc:
         print(f"cdfsl: error: {exc}", file=sys.stderr)
         sys.exit(2)

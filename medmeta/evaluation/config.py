@@ -46,6 +46,8 @@ class EpisodesConfig(Settings):
     episode split are left out; null keeps all."""
     split: Literal["train", "val", "test", "all"] = "all"
     """The target is never seen in pretraining, so episodes come from all its splits."""
+    seed: int = setting(0, min=0)
+    """Seed of the episode set: fixed while ``seed`` (training, heads) varies between repeats."""
     file: str | None = None
     """A stored episode set to evaluate on; its own settings replace the ones above."""
     chunk: int = setting(10, min=1)
@@ -61,6 +63,19 @@ class AdaptationConfig(Settings):
     knn: KNN = field(default_factory=KNN)
     proto: Prototypes = field(default_factory=Prototypes)
     lpft: LPFT = field(default_factory=LPFT)
+
+
+@dataclass
+class SlurmConfig(Settings):
+    """Resources of each SLURM job of a sweep (``--launcher slurm``): one job per (target, seed),
+    one process per GPU within a job."""
+
+    partition: str | None = None
+    account: str | None = None
+    gpus_per_node: int = setting(1, min=0)
+    cpus_per_task: int = setting(8, min=1)
+    mem_gb: int = setting(64, min=1)
+    timeout_min: int = setting(24 * 60, min=1)
 
 
 @dataclass
@@ -83,6 +98,7 @@ class ExperimentConfig(Settings):
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     maml: MAMLConfig = field(default_factory=MAMLConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -158,6 +174,7 @@ def build_method(spec: str, config: ExperimentConfig) -> Method:
     if ":" in spec:
         obj = _import(spec)
         if isinstance(obj, Method):
+            obj.name = spec  # results are keyed by the name the config gives
             return obj
         if isinstance(obj, AdaptationRule):
             return Method(Scratch(), obj, name=spec)

@@ -20,6 +20,7 @@ import json
 import re
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -30,12 +31,13 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.manifest import Manifest
 from ..data.store import Store
 from ..data.tasks import MedMNISTTask, find_task
 from ..episodes import EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
 from ..errors import ConfigError, EpisodeError, MethodError
-from ..files import write_text_atomic
+from ..files import locked, write_text_atomic
 from ..learning.runtime import NOT_TRAINING_KEYS, resolve_device
 from ..methods import InitContext, Method, Sources
 from .config import ExperimentConfig, build_methods
@@ -92,7 +94,8 @@ def resolve_sources(store: Store, target: str, sources: str | list[str], source_
 def _episode_file_settings(stored: EpisodeSet) -> dict[str, Any]:
     s = stored.sampler
     return {"shots": s["k_shot"], "queries": s["n_query"], "n_way": s["n_way"],
-            "min_class_samples": s["min_class_samples"], "count": len(stored), "split": stored.split}
+            "min_class_samples": s["min_class_samples"], "count": len(stored), "split": stored.split,
+            "seed": stored.seed}
 
 
 def prepare_target(store: Store, config: ExperimentConfig, out: Path) -> tuple[ExperimentConfig, Target]:
@@ -121,7 +124,7 @@ def prepare_target(store: Store, config: ExperimentConfig, out: Path) -> tuple[E
         return config, Target(dataset, stored, sampler.dropped)
     dataset = MedMNISTTask(store, task, split=ep.split, size=config.size)
     sampler = EpisodeSampler(dataset, n_way=ep.n_way, k_shot=ep.shots, n_query=ep.queries, n_episodes=ep.count,
-                             seed=config.seed, min_class_samples=ep.min_class_samples)
+                             seed=ep.seed, min_class_samples=ep.min_class_samples)
     path = out / f"episodes_{task.task_id}_{config.size}px_{ep.shots}shot.json"
     if path.is_file():
         stored = load_episode_set(path)
@@ -151,10 +154,12 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
     ``seed * SEED_STRIDE + i``, so a result is a pure function of the episode, the backbone and
     the seed, whatever else runs.
     """
-    specs = list(target.episodes) if episodes is None else [target.episodes[i] for i in episodes]
+    positions = range(len(target.episodes)) if episodes is None else episodes
+    specs = [target.episodes[i] for i in distributed.shard(positions)]
     per_episode: list[dict[str, float]] = []
     stream = materialise(target.dataset, specs, device=device)
-    with tqdm(total=len(specs), desc=desc or f"adapt {method.name}", unit="episode") as bar:
+    with tqdm(total=len(specs), desc=desc or f"adapt {method.name}", unit="episode",
+              disable=not distributed.is_main()) as bar:
         for batch in _chunks(stream, chunk):
             scores = method.predict_many(backbone, [e.without_query_labels() for e in batch],
                                          [seed * SEED_STRIDE + e.index for e in batch])
@@ -167,7 +172,7 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
                 per_episode.append({"episode": e.index, **e.task_type.evaluate(e.query_y.cpu(), s.float().cpu())})
             bar.update(len(batch))
             bar.set_postfix(auroc=f"{summarise(per_episode)['auroc']:.3f}")
-    return per_episode
+    return sorted(distributed.gather(per_episode), key=lambda e: e["episode"])
 
 
 def _without_training_keys(obj: Any) -> Any:
@@ -214,11 +219,15 @@ class Protocol:
         self.sources = (resolve_sources(self.store, target, self.config.sources, source_dir, self.config.size)
                         if needs_sources else [])
         self.device = resolve_device(self.config.device)
+        distributed.init(self.device.type)
         self._backbones: dict[Path, tuple[nn.Module, float]] = {}
 
     def build_store(self) -> None:
-        for name in [self.config.target, *self.sources]:
-            self.store.build(name, self.config.size, source_dir=self.source_dir)
+        """Build the target and the sources (rank 0 builds, the other ranks wait)."""
+        if distributed.is_main():
+            for name in [self.config.target, *self.sources]:
+                self.store.build(name, self.config.size, source_dir=self.source_dir)
+        distributed.barrier()
 
     def source_data(self) -> Sources:
         def split(name: str) -> dict[str, MedMNISTTask]:
@@ -241,7 +250,11 @@ class Protocol:
             start = time.perf_counter()
             context = InitContext(self.dims, self.config.size, self.config.model, self.config.seed, self.device,
                                   folder, self.source_data() if method.needs_sources else None, writer)
-            backbone = method.prepare(context).to(self.device)
+            # Another job of a sweep may be training the same folder: rank 0 waits for it, then all ranks go.
+            with locked(folder / ".lock") if distributed.is_main() and method.needs_sources else nullcontext():
+                distributed.barrier()
+                backbone = method.prepare(context).to(self.device)
+                distributed.barrier()
             log = folder / "training.json"
             seconds = (json.loads(log.read_text())["seconds"] if log.is_file()
                        else time.perf_counter() - start)
@@ -251,10 +264,15 @@ class Protocol:
     def run(self) -> dict[str, Any]:
         """Run every method (reusing cached results) and write results.json/csv, the plot and the table."""
         self.build_store()
-        self.out.mkdir(parents=True, exist_ok=True)
-        config, target = prepare_target(self.store, self.config, self.out)
+        main = distributed.is_main()
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            config, target = prepare_target(self.store, self.config, self.out)
+        distributed.barrier()
+        if not main:  # the episode set exists now: load it
+            config, target = prepare_target(self.store, self.config, self.out)
         self.config = config
-        if target.dropped:
+        if target.dropped and main:
             print(f"{target.dataset.task.task_id}: left out {', '.join(target.dropped)} (fewer than "
                   f"min_class_samples={config.episodes.min_class_samples} samples)")
         results: dict[str, Any] = {
@@ -265,13 +283,19 @@ class Protocol:
                             "count": len(target.episodes), "sampler": target.episodes.sampler,
                             "seed": target.episodes.seed, "dropped": list(target.dropped)},
             "methods": {}}
-        with SummaryWriter(self.out / "tensorboard") as writer:
+        writer = SummaryWriter(self.out / "tensorboard") if main else None
+        try:
             for method in self.methods:
                 results["methods"][method.name] = self.run_method(method, target, writer)
                 add_paired_differences(results["methods"], config.reference)
-                write_results(self.out, results)
-        plot_results(self.out, results)
-        print(format_table(results))
+                if main:
+                    write_results(self.out, results)
+        finally:
+            if writer is not None:
+                writer.close()
+        if main:
+            plot_results(self.out, results)
+            print(format_table(results))
         return results
 
     def run_method(self, method: Method, target: Target, writer: SummaryWriter | None) -> dict[str, Any]:
@@ -293,7 +317,8 @@ class Protocol:
                 writer.add_scalar(f"adapt/{_safe(method.name)}/auroc", e["auroc"], e["episode"])
         result = {"summary": summarise(per_episode), "per_episode": per_episode, "settings": method.settings(),
                   "seconds": {"train": train_seconds, "adapt": done - adapt_start, "total": done - start}}
-        write_text_atomic(cache, json.dumps({"key": key, "result": result}, default=str))
+        if distributed.is_main():
+            write_text_atomic(cache, json.dumps({"key": key, "result": result}, default=str))
         return result
 
 

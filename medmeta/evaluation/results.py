@@ -140,16 +140,19 @@ def format_table(results: Mapping[str, Any]) -> str:
     """A plain-text table: AUROC and accuracy with 95% intervals, and the paired per-episode
     difference to the reference method (``identical`` when every episode's value is equal)."""
     reference = results.get("reference", "")
+    width = max([len("method"), *map(len, results["methods"])]) + 2
     lines = [f"target {results['target']} ({results['config']['size']}px), sources: {', '.join(results['sources']) or '-'}",
-             f"{'method':<16}{'AUROC':>16}{'ACC':>16}{f'ΔAUROC vs {reference}':>22}{f'ΔACC vs {reference}':>20}"
+             f"{'method':<{width}}{'AUROC':>16}{'ACC':>16}{'ΔAUROC (paired)':>18}{'ΔACC (paired)':>18}"
              f"{'episodes':>10}{'seconds':>9}"]
     for name, m in results["methods"].items():
         s, paired = m["summary"], m.get("paired")
         count = str(s["episodes"]) if s["episodes_auroc"] == s["episodes"] else f"{s['episodes_auroc']}/{s['episodes']}"
-        d_auroc = _difference(paired, "auroc") if paired else "(reference)" if name == reference else "-"
+        d_auroc = _difference(paired, "auroc") if paired else "reference" if name == reference else "-"
         d_acc = _difference(paired, "acc") if paired else "" if name == reference else "-"
-        lines.append(f"{name:<16}{s['auroc']:>9.3f} ± {s['auroc_ci95']:.3f}{s['acc']:>9.3f} ± {s['acc_ci95']:.3f}"
-                     f"{d_auroc:>22}{d_acc:>20}{count:>10}{m['seconds']['total']:>9.0f}")
+        lines.append(f"{name:<{width}}{s['auroc']:>9.3f} ± {s['auroc_ci95']:.3f}{s['acc']:>9.3f} ± {s['acc_ci95']:.3f}"
+                     f"{d_auroc:>18}{d_acc:>18}{count:>10}{m['seconds']['total']:>9.0f}")
+    lines.append(f"Δ: mean per-episode difference to {reference} with its 95% interval"
+                 + ("" if reference in results["methods"] else " (not run: no differences)"))
     if any(m["summary"]["episodes_auroc"] != m["summary"]["episodes"] for m in results["methods"].values()):
         lines.append("episodes a/b: a of the b episodes have a defined AUROC (the others are left out of its mean)")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from torch.func import functional_call, grad
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.tasks import MedMNISTTask
 from ..episodes import Episode, MultiTaskEpisodeSampler
 from ..files import torch_save_atomic
@@ -157,17 +158,29 @@ class MAML:
     def _lr(self) -> float | Mapping[str, Tensor]:
         return self.inner_lrs or self.inner_lr
 
-    def meta_step(self, episodes: Sequence[Episode]) -> float:
-        """One outer Adam step on the mean query loss of ``episodes``; returns that loss."""
+    def meta_step(self, episodes: Sequence[Episode], meta_batch: int | None = None) -> float:
+        """One outer Adam step on the mean query loss of a meta-batch; returns that loss.
+
+        ``episodes`` is the whole meta-batch, or under torchrun this rank's share of a meta-batch
+        of ``meta_batch`` episodes: the meta-gradients (and the loss) are then summed across
+        ranks, which gives every rank the single-process meta-gradient.
+        """
+        count = meta_batch or len(episodes)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for ep in episodes:
             loss = maml_loss(self.backbone, [ep.to(self.device)], self.inner_steps, self._lr(),
-                             self.first_order, self.bn_train) / len(episodes)
+                             self.first_order, self.bn_train) / count
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
+        params = [*self.backbone.parameters(), *self.inner_lrs.values()]
+        if distributed.active():
+            for q in params:
+                if q.grad is None:
+                    q.grad = torch.zeros_like(q)
+            distributed.all_reduce_sum_([*(q.grad for q in params), total])
         self.optimizer.step()
-        return total
+        return total.item()
 
     def adapt_and_predict(self, episode: Episode, steps: int | None = None) -> Tensor:
         """Test time: ``steps`` (default ``test_steps``) inner SGD steps from a zero head; query logits."""
@@ -256,17 +269,21 @@ def train_maml(backbone: nn.Module, train: Mapping[str, MedMNISTTask], config: M
         check_identity(checkpoint, state.get("identity"), identity)
         maml.load_state_dict(state["maml"])
         step = state["step"]
-    with tqdm(total=config.steps, initial=step, desc="MAML", unit="meta-step") as bar:
+    writer = writer if distributed.is_main() else None
+    mine = distributed.shard(range(config.meta_batch))  # under torchrun, this rank's episodes of each meta-batch
+    with tqdm(total=config.steps, initial=step, desc="MAML", unit="meta-step", disable=not distributed.is_main()) as bar:
         while step < config.steps:
             clock = time.perf_counter()
-            loss = maml.meta_step([sampler.episode(step * config.meta_batch + j) for j in range(config.meta_batch)])
+            loss = maml.meta_step([sampler.episode(step * config.meta_batch + j) for j in mine],
+                                  meta_batch=config.meta_batch)
             maml.seconds += time.perf_counter() - clock
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
             if writer is not None:
                 writer.add_scalar("maml/query_loss", loss, step)
-            if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.steps):
+            if (checkpoint is not None and distributed.is_main()
+                    and (step % config.checkpoint_every == 0 or step == config.steps)):
                 torch_save_atomic({"maml": maml.state_dict(), "step": step, "identity": identity}, checkpoint)
             if on_step is not None:
                 on_step(step)

@@ -31,6 +31,7 @@ from urllib.error import URLError
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.models import ResNet18_Weights, ResNet50_Weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -62,6 +63,40 @@ _IMAGENET_WEIGHTS = {"resnet18": ResNet18_Weights.IMAGENET1K_V1, "resnet50": Res
 WeightsArg = str | os.PathLike | None
 
 
+class SmallMapConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that computes convolutions over small maps as one matrix product on the CPU.
+
+    At 28px a ResNet's deep layers see 4x4, 2x2 and 1x1 maps with 256-512 channels, where
+    oneDNN's convolution (above all its backward pass) runs far below the machine's speed: a
+    3x3 conv on a 1x1 map takes 25 ms forward+backward for 25 images, the same product as
+    unfold + matmul takes 14 ms (benchmarks/adaptation.py). When ``in_channels >= 32 * H * W``
+    on the CPU this layer unfolds the input (im2col) and multiplies by the weight instead; the
+    result is the same convolution up to float rounding, its gradients come from autograd, and
+    the parameters and state dict are those of ``nn.Conv2d``. Elsewhere (large maps, CUDA) it
+    is ``nn.Conv2d``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if x.device.type != "cpu" or self.groups != 1 or self.padding_mode != "zeros" or self.in_channels < 32 * h * w:
+            return super().forward(x)
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, oh*ow)
+        out = self.weight.view(self.out_channels, -1) @ cols
+        if self.bias is not None:
+            out = out + self.bias.view(-1, 1)
+        return out.view(x.shape[0], self.out_channels, oh, ow)
+
+
+def use_small_map_convs(model: nn.Module) -> nn.Module:
+    """Turn every plain ``nn.Conv2d`` of ``model`` into a ``SmallMapConv2d`` (same parameters)."""
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = SmallMapConv2d
+    return model
+
+
 class ResNet2d(ResNet):
     """torchvision ResNet returning pooled features; expands grey input and normalises it.
 
@@ -80,6 +115,7 @@ class ResNet2d(ResNet):
             self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
             self.maxpool = nn.Identity()
+        use_small_map_convs(self)
         # Non-persistent: the state dict keeps exactly torchvision's keys.
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

@@ -34,9 +34,11 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.tasks import MedMNISTTask
 from ..episodes import task_probabilities
 from ..errors import ConfigError
@@ -92,10 +94,16 @@ class MultiTaskPretrainer:
         self.history: list[dict[str, float]] = []
         self.seconds = 0.0
         """Training time over every session of this run (resumes included)."""
-        self.checkpoint, self.writer = checkpoint, writer
+        self.data_seconds = 0.0
+        """Of ``seconds``, the time spent reading batches and moving them to the device."""
+        self.checkpoint, self.writer = checkpoint, writer if distributed.is_main() else None
         torch.manual_seed(seed)
         if checkpoint is not None and checkpoint.is_file():
             self.load(checkpoint)
+        # Under torchrun: every rank draws the same global batch and trains on its slice; DDP averages
+        # the gradients. Heads of the tasks not in the batch get none, hence find_unused_parameters.
+        self.net: nn.Module = (DistributedDataParallel(self.model, find_unused_parameters=True)
+                               if distributed.active() else self.model)
 
     def _next_indices(self, task_id: str) -> np.ndarray:
         """Next batch of a task: epochs of shuffled indices, drawn from the pretrainer's own RNG."""
@@ -111,10 +119,13 @@ class MultiTaskPretrainer:
         k = int(self.rng.choice(len(self.task_ids), p=self.probs))
         task_id = self.task_ids[k]
         ds = self.train[task_id]
-        x, y = to_device(*ds.get_batch(self._next_indices(task_id)), self.device)
+        clock = time.perf_counter()
+        indices = self._next_indices(task_id)
+        x, y = to_device(*ds.get_batch(indices[distributed.batch_slice(len(indices))]), self.device)
+        self.data_seconds += time.perf_counter() - clock
         self.model.train()
         with autocast(self.device):
-            logits = self.model(x, task_id).float()
+            logits = self.net(x, task_id).float()
         loss = ds.task.task_type.loss(logits, y) * float(self.loss_weights[k])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,7 +162,7 @@ class MultiTaskPretrainer:
     def run(self, on_step: Callable[[int], None] | None = None) -> nn.Module:
         """Train until ``steps`` or early stopping; return the backbone with the best validation AUROC."""
         cfg = self.config
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="mm-PT", unit="step")
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="mm-PT", unit="step", disable=not distributed.is_main())
         clock = time.perf_counter()
         while self.step < cfg.steps and self.bad_evals < cfg.patience:
             task_id, loss = self.train_step()
@@ -169,6 +180,8 @@ class MultiTaskPretrainer:
             if on_step is not None:
                 on_step(self.step)
         bar.close()
+        if self.writer is not None and self.seconds > 0:
+            self.writer.add_scalar("pretrain/data_share", self.data_seconds / self.seconds, self.step)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         return self.model.backbone
@@ -190,7 +203,7 @@ class MultiTaskPretrainer:
                 "rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                 "cursors": self.cursors, "best_score": self.best_score, "best_state": self.best_state,
                 "bad_evals": self.bad_evals, "history": self.history, "seconds": self.seconds,
-                "identity": self.identity}
+                "data_seconds": self.data_seconds, "identity": self.identity}
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -198,7 +211,9 @@ class MultiTaskPretrainer:
         return checkpoint_identity(self.config, tasks=self.task_ids, seed=self.seed)
 
     def save(self, path: Path) -> None:
-        torch_save_atomic(self.state_dict(), path)
+        """Write a checkpoint (rank 0 only: every rank holds the same state)."""
+        if distributed.is_main():
+            torch_save_atomic(self.state_dict(), path)
 
     def load(self, path: Path) -> None:
         """Resume from a checkpoint written by ``save`` for the same source tasks."""
@@ -210,4 +225,4 @@ class MultiTaskPretrainer:
         self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         self.cursors, self.best_state, self.history = state["cursors"], state["best_state"], state["history"]
-        self.seconds = state["seconds"]
+        self.seconds, self.data_seconds = state["seconds"], state["data_seconds"]

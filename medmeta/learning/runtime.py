@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from ..data.tasks import MedMNISTTask
 from ..errors import ConfigError
 from ..settings import Settings
@@ -22,9 +23,11 @@ the training."""
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; ``cuda`` without a GPU is an error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA GPU is available; use --device auto or cpu")
+    if device == "cuda" and distributed.launched():
+        device = f"cuda:{distributed.local_rank()}"  # under torchrun, one GPU per process
     try:
         return torch.device(device)
     except RuntimeError:

@@ -23,6 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import MethodError
 from ..files import torch_save_atomic, write_text_atomic
 from ..learning.maml import MAMLConfig, train_maml
@@ -88,10 +89,11 @@ class MMPT(Settings, Initialisation):
                                       self.config, context.device, seed=context.seed,
                                       checkpoint=context.folder / "checkpoint.pt", writer=context.writer)
         backbone = trainer.run()
-        torch_save_atomic(backbone.state_dict(), context.folder / "backbone.pt")
-        write_text_atomic(context.folder / "training.json", json.dumps(
-            {"seconds": trainer.seconds, "step": trainer.step, "best_score": trainer.best_score,
-             "history": trainer.history}))
+        if distributed.is_main():
+            torch_save_atomic(backbone.state_dict(), context.folder / "backbone.pt")
+            write_text_atomic(context.folder / "training.json", json.dumps(
+                {"seconds": trainer.seconds, "data_share": trainer.data_seconds / max(trainer.seconds, 1e-9),
+                 "step": trainer.step, "best_score": trainer.best_score, "history": trainer.history}))
         return backbone
 
 
@@ -107,8 +109,9 @@ class MAMLInit(Settings, Initialisation):
         assert context.sources is not None, "the protocol gives trained initialisations their sources"
         maml = train_maml(random_backbone(context), context.sources.train, self.config, context.device,
                           seed=context.seed, checkpoint=context.folder / "checkpoint.pt", writer=context.writer)
-        torch_save_atomic(maml.backbone.state_dict(), context.folder / "backbone.pt")
-        write_text_atomic(context.folder / "training.json", json.dumps({"seconds": maml.seconds}))
+        if distributed.is_main():
+            torch_save_atomic(maml.backbone.state_dict(), context.folder / "backbone.pt")
+            write_text_atomic(context.folder / "training.json", json.dumps({"seconds": maml.seconds}))
         return maml.backbone
 
 

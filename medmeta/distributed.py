@@ -1,0 +1,119 @@
+"""Running under ``torchrun``: process groups, ranks, sharding and gathering, on torch.distributed.
+
+Launch any medmeta script with ``torchrun --nproc_per_node N``; ``init()`` reads the
+environment torchrun sets (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and joins the process
+group (NCCL on GPUs, gloo on CPUs). Without torchrun every function here is the single-process
+identity, so the same code runs either way. What runs distributed:
+
+* mm-PT: ``DistributedDataParallel``; each rank takes its slice of the same global batch, so
+  the averaged gradient is the whole batch's, except that BatchNorm normalises each rank's
+  slice with its own statistics (as DDP does by default).
+* MAML: the episodes of a meta-batch are split between ranks and the meta-gradients summed
+  across ranks before each outer step, which is the single-process meta-gradient.
+* Evaluation: episodes are sharded between ranks and the per-episode results gathered; each
+  result is a pure function of the episode, the backbone and the seed, so the numbers do not
+  depend on the number of processes beyond float rounding.
+
+Only rank 0 writes files, logs to TensorBoard and shows progress bars.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device_type: str = "cpu") -> None:
+    """Join the process group torchrun describes (once); a no-op in a single process."""
+    if launched() and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank())
+        dist.init_process_group(backend)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's share of ``items``: every ``world_size``-th, starting at its rank."""
+    return list(items[rank()::world_size()])
+
+
+def gather(items: Iterable[T]) -> list[T]:
+    """Every rank's ``items``, concatenated (on every rank), in rank order."""
+    local = list(items)
+    if not active():
+        return local
+    parts: list[list[T] | None] = [None] * world_size()
+    dist.all_gather_object(parts, local)
+    return [x for part in parts for x in (part or [])]
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum tensors across ranks, in place (one flat all-reduce)."""
+    tensors = [t for t in tensors]
+    if not active() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def batch_slice(n: int) -> slice:
+    """This rank's contiguous part of a global batch of ``n`` items (sizes differ by at most one)."""
+    size, extra = divmod(n, world_size())
+    r = rank()
+    start = r * size + min(r, extra)
+    return slice(start, start + size + (1 if r < extra else 0))
+
+
+def run_on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` on rank 0 only, then wait for it everywhere; returns rank 0's result on every rank."""
+    result = fn(*args, **kwargs) if is_main() else None
+    barrier()
+    return broadcast(result)

@@ -1,0 +1,339 @@
+"""The whole leave-one-out benchmark: many targets and seeds, one combined table.
+
+A sweep is one job per (target, seed), each a ``Protocol`` run in ``out/<target>/seed<k>/``
+with its own leave-one-out sources; every job shares ``out/pretrained/``, so pretraining runs
+with identical sources, settings and seed train once (a lock makes concurrent jobs take
+turns). Nothing finished is redone: a job whose results list every method is skipped, and
+inside a job finished methods and training checkpoints are reused.
+
+Launchers, all through existing engines: ``local`` runs the jobs one after another in this
+process; ``slurm`` submits them with submitit (one job per (target, seed), one process per GPU
+within a job via submitit's torch.distributed environment), waits for them or returns
+(``wait=False``), and the same command later collects the table; ``submitit-local`` is
+submitit's local executor (real subprocesses on this machine), for checking a SLURM setup.
+
+The combined table (``table.json``, ``table.csv``, ``table.md``, ``table.png``): per target
+and method, AUROC and accuracy (mean over episodes, its 95% interval), the paired
+per-episode difference to the reference method with its interval, and with several seeds the
+mean over seeds plus the standard deviation across seeds.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..data.manifest import Manifest, load_manifest
+from ..data.store import Store
+from ..errors import ConfigError, MethodError
+from ..files import atomic_path, write_text_atomic
+from ..settings import from_mapping
+from .config import ExperimentConfig, build_method
+from .protocol import Protocol
+from .results import METRICS, package_versions, write_csv
+
+Launcher = Literal["local", "slurm", "submitit-local"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (target, seed) run of a sweep."""
+
+    target: str
+    seed: int
+    out: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.target}/seed{self.seed}"
+
+
+def present_targets(manifest: Manifest, store: Store, size: int, source_dir: str | None) -> list[str]:
+    """Subsets whose data is here at ``size``: built in the store, in ``source_dir`` or next to their manifest."""
+    built = {s for s, z in store.built() if z == size}
+    out = []
+    for name, info in manifest.subsets.items():
+        if size not in info.files:
+            continue
+        folders = [Path(f) for f in (source_dir, info.home) if f]
+        if name in built or any((f / info.file(size).file).is_file() for f in folders):
+            out.append(name)
+    return out
+
+
+def resolve_targets(targets: str | Sequence[str], manifest: Manifest, store: Store, size: int,
+                    source_dir: str | None) -> list[str]:
+    """``all`` (every subset present) or a list of names, as full subset names."""
+    if targets == "all" or list(targets) == ["all"]:
+        found = present_targets(manifest, store, size, source_dir)
+        if not found:
+            raise ConfigError(f"--target all: no subset is present at {size}px in the store or --source-dir; "
+                              "prepare some with `medmeta prepare` or pass --source-dir")
+        return found
+    return [manifest.resolve(t) for t in ([targets] if isinstance(targets, str) else targets)]
+
+
+def methods_for(config: ExperimentConfig, dims: int) -> list[str]:
+    """The config's methods that apply to a target of ``dims`` (ImageNet weights are 2D only)."""
+    return [m for m in config.methods if dims in build_method(m, config).init.dims]
+
+
+def job_config(config: ExperimentConfig, target: str, seed: int, dims: int) -> ExperimentConfig:
+    methods = methods_for(config, dims)
+    if not methods:
+        raise MethodError(f"none of the methods {config.methods} applies to {target} ({dims}D)")
+    reference = config.reference if config.reference in methods else methods[0]
+    return config.replace(target=target, seed=seed, methods=methods, reference=reference)
+
+
+def job_done(job: Job, config: ExperimentConfig) -> bool:
+    """Whether the job's results list every one of its methods."""
+    path = job.out / "results.json"
+    if not path.is_file():
+        return False
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return set(config.methods) <= set(results.get("methods", {}))
+
+
+def run_job(config: dict[str, Any], out: str, pretrained: str, root: str | None, source_dir: str | None,
+            manifests: list[str]) -> str:
+    """One (target, seed) run; the entry point of every launcher (plain arguments: it is pickled
+    for submitit). Under SLURM with several tasks, each task is one torch.distributed rank."""
+    import os
+
+    if int(os.environ.get("SUBMITIT_NTASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    Protocol(from_mapping(ExperimentConfig, config), Path(out), root=root, source_dir=source_dir,
+             manifest=load_manifest(manifests), pretrained=Path(pretrained)).run()
+    return out
+
+
+@dataclass
+class Sweep:
+    """Targets x seeds of one experiment config, written under ``out``."""
+
+    config: ExperimentConfig
+    targets: list[str]
+    seeds: list[int]
+    out: Path
+    root: str | None = None
+    source_dir: str | None = None
+    manifests: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.manifest = load_manifest(list(self.manifests))
+        self.store = Store(self.root, self.manifest)
+        self.targets = resolve_targets(self.targets, self.manifest, self.store, self.config.size, self.source_dir)
+        self.jobs = [Job(t, s, self.out / self.manifest[t].short_name / f"seed{s}")
+                     for t in self.targets for s in self.seeds]
+        self.configs = {job: job_config(self.config, job.target, job.seed, self.manifest[job.target].dims)
+                        for job in self.jobs}
+        for job in self.jobs[::len(self.seeds)]:  # refuse a target without sources, a bad method... before any work
+            Protocol(self.configs[job], job.out, root=self.root, source_dir=self.source_dir, manifest=self.manifest)
+
+    def arguments(self, job: Job) -> tuple:
+        return (self.configs[job].to_dict(), str(job.out), str(self.out / "pretrained"), self.root, self.source_dir,
+                list(self.manifests))
+
+    def pending(self) -> list[Job]:
+        return [j for j in self.jobs if not job_done(j, self.configs[j])]
+
+    def run(self, launcher: Launcher = "local", wait: bool = True) -> dict[str, Any] | None:
+        """Run (or submit) every unfinished job, then collect the table; None if not waited for."""
+        todo = self.pending()
+        if todo and launcher == "local":
+            self._run_local(todo)
+        elif todo:
+            if not self._submit(todo, launcher, wait):
+                return None
+        return self.collect()
+
+    def _run_local(self, todo: list[Job]) -> None:
+        start = time.perf_counter()
+        done = len(self.jobs) - len(todo)
+        with tqdm(total=len(self.jobs), initial=done, desc="sweep", unit="job") as bar:
+            for i, job in enumerate(todo):
+                bar.set_postfix_str(f"running {job.name}, {len(todo) - i - 1} left after it")
+                run_job(*self.arguments(job))
+                bar.update(1)
+        print(f"sweep: {len(todo)} job(s) run in {time.perf_counter() - start:.0f} s")
+
+    def executor(self, launcher: Launcher) -> Any:
+        import submitit
+
+        s = self.config.slurm
+        executor = submitit.AutoExecutor(folder=self.out / "submitit", cluster="local" if launcher != "slurm" else None)
+        tasks = max(1, s.gpus_per_node)
+        params: dict[str, Any] = {"timeout_min": s.timeout_min, "gpus_per_node": s.gpus_per_node,
+                                  "tasks_per_node": tasks, "cpus_per_task": max(1, s.cpus_per_task // tasks),
+                                  "mem_gb": s.mem_gb, "name": "medmeta"}
+        if launcher == "slurm":
+            params.update({k: v for k, v in (("slurm_partition", s.partition), ("slurm_account", s.account)) if v})
+        else:  # the local executor runs one process per job, with no GPUs to share
+            params.update(tasks_per_node=1, gpus_per_node=0)
+        executor.update_parameters(**params)
+        return executor
+
+    def _submit(self, todo: list[Job], launcher: Launcher, wait: bool) -> bool:
+        """Submit the jobs not already queued; wait for all when asked. True when all are finished."""
+        import submitit
+
+        record = self.out / "jobs.json"
+        known = json.loads(record.read_text()) if record.is_file() else {}
+        executor = self.executor(launcher)
+        handles = {}
+        for job in todo:
+            queued = known.get(job.name)
+            if launcher == "slurm" and queued:
+                handle = submitit.SlurmJob(folder=self.out / "submitit", job_id=queued)
+                if handle.state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
+                    handles[job] = handle
+                    continue
+            handles[job] = executor.submit(run_job, *self.arguments(job))
+            known[job.name] = handles[job].job_id
+        write_text_atomic(record, json.dumps(known, indent=2))
+        print(f"sweep: {len(handles)} job(s) submitted or queued ({launcher}); logs in {self.out / 'submitit'}")
+        if not wait:
+            print("sweep: not waiting; run the same command again to collect the table")
+            return False
+        with tqdm(total=len(self.jobs), initial=len(self.jobs) - len(todo), desc="sweep", unit="job") as bar:
+            remaining = dict(handles)
+            while remaining:
+                finished = [j for j, h in remaining.items() if h.done()]
+                for job in finished:
+                    remaining.pop(job).result()  # re-raises a failed job's error
+                    bar.update(1)
+                states = [h.state for h in remaining.values()]
+                bar.set_postfix(running=sum(s == "RUNNING" for s in states), waiting=len(states))
+                if remaining:
+                    time.sleep(5 if launcher != "slurm" else 30)
+        return True
+
+    def collect(self) -> dict[str, Any]:
+        """Read every job's results and write the combined table."""
+        runs = {job: json.loads((job.out / "results.json").read_text()) for job in self.jobs}
+        table = combine(runs, self.config.reference)
+        combined = {"targets": self.targets, "seeds": self.seeds, "reference": self.config.reference,
+                    "config": self.config.to_dict(), "versions": package_versions(), "table": table,
+                    "runs": {job.name: str(job.out / "results.json") for job in self.jobs}}
+        write_table(self.out, combined)
+        print(format_combined(combined))
+        return combined
+
+
+def combine(runs: dict[Job, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """One row per (target, method): means over seeds of each seed's summary, and the spread across seeds."""
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for job, results in runs.items():
+        for method, m in results["methods"].items():
+            rows.setdefault((job.target, method), []).append(m)
+    out = []
+    for (target, method), ms in rows.items():
+        row: dict[str, Any] = {"target": target, "method": method, "seeds": len(ms),
+                               "episodes": ms[0]["summary"]["episodes"],
+                               "train_seconds": float(np.mean([m["seconds"]["train"] for m in ms])),
+                               "adapt_seconds": float(np.mean([m["seconds"]["adapt"] for m in ms]))}
+        for metric in METRICS:
+            values = [m["summary"][metric] for m in ms]
+            row[metric] = float(np.mean(values))
+            row[f"{metric}_ci95"] = float(np.mean([m["summary"][f"{metric}_ci95"] for m in ms]))
+            row[f"{metric}_seed_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+            paired = [m["paired"][metric] for m in ms if "paired" in m]
+            if paired:
+                row[f"{metric}_diff"] = float(np.mean([p["mean"] for p in paired]))
+                row[f"{metric}_diff_ci95"] = float(np.mean([p["ci95"] for p in paired]))
+                row[f"{metric}_identical"] = all(p["identical"] for p in paired)
+        row["reference"] = reference
+        out.append(row)
+    return out
+
+
+TABLE_FIELDS = ("target", "method", "seeds", "episodes", "auroc", "auroc_ci95", "auroc_seed_std", "auroc_diff",
+                "auroc_diff_ci95", "auroc_identical", "acc", "acc_ci95", "acc_seed_std", "acc_diff", "acc_diff_ci95",
+                "acc_identical", "reference", "train_seconds", "adapt_seconds")
+
+
+def _cell(row: dict[str, Any], metric: str) -> str:
+    text = f"{row[metric]:.3f} ± {row[f'{metric}_ci95']:.3f}"
+    if row.get(f"{metric}_seed_std") is not None:
+        text += f" (sd {row[f'{metric}_seed_std']:.3f})"
+    if f"{metric}_diff" in row:
+        diff = "identical" if row[f"{metric}_identical"] else f"{row[f'{metric}_diff']:+.3f} ± {row[f'{metric}_diff_ci95']:.3f}"
+        text += f" [Δ {diff}]"
+    return text
+
+
+def markdown(combined: dict[str, Any], metric: str) -> str:
+    rows = combined["table"]
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cells = {(r["target"], r["method"]): _cell(r, metric) for r in rows}
+    lines = [f"| target | {' | '.join(methods)} |", f"| --- |{' --- |' * len(methods)}"]
+    for t in targets:
+        lines.append(f"| {t} | {' | '.join(cells.get((t, m), '-') for m in methods)} |")
+    return "\n".join(lines)
+
+
+def format_combined(combined: dict[str, Any]) -> str:
+    seeds = combined["seeds"]
+    head = (f"query {{}} (mean ± 95% interval over episodes{', sd across seeds ' + str(seeds) if len(seeds) > 1 else ''}; "
+            f"[Δ paired difference to {combined['reference']}])")
+    return "\n\n".join(f"{head.format(m.upper())}\n{markdown(combined, m)}" for m in ("auroc", "acc"))
+
+
+def write_table(out: Path, combined: dict[str, Any]) -> None:
+    """``table.json``, ``table.csv``, ``table.md`` and ``table.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "table.json", json.dumps(combined, indent=2, default=str))
+    write_csv(out / "table.csv", combined["table"], TABLE_FIELDS)
+    write_text_atomic(out / "table.md", format_combined(combined) + "\n")
+    plot_table(out / "table.png", combined)
+
+
+def plot_table(path: Path, combined: dict[str, Any]) -> None:
+    """Heatmap: targets x methods, coloured by the paired AUROC difference to the reference,
+    annotated with each cell's AUROC and difference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = combined["table"]
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["target"], r["method"]): r for r in rows}
+    diff = np.full((len(targets), len(methods)), np.nan)
+    for i, t in enumerate(targets):
+        for j, m in enumerate(methods):
+            if (t, m) in by:
+                diff[i, j] = by[t, m].get("auroc_diff", 0.0)
+    limit = max(0.05, float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.05)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(methods), 1.2 + 0.7 * len(targets)))
+    image = ax.imshow(diff, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    for i, t in enumerate(targets):
+        for j, m in enumerate(methods):
+            r = by.get((t, m))
+            if r is None:
+                ax.text(j, i, "-", ha="center", va="center", fontsize=8)
+                continue
+            d = "ref" if m == combined["reference"] else (
+                "same" if r.get("auroc_identical") else f"{r.get('auroc_diff', 0):+.3f}±{r.get('auroc_diff_ci95', 0):.3f}")
+            ax.text(j, i, f"{r['auroc']:.3f}\n{d}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(targets)), targets, fontsize=8)
+    fig.colorbar(image, ax=ax, label=f"Δ query AUROC vs {combined['reference']} (paired)")
+    ax.set_title("5-shot leave-one-out: query AUROC (cell) and paired difference (colour)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

@@ -1,0 +1,110 @@
+"""The whole benchmark in one command: sweeps that resume after a kill, submitit's local
+executor (real subprocesses), and torchrun with 2 CPU processes against a single process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medmeta.evaluation import protocol as protocol_module
+from medmeta.evaluation.sweep import Sweep
+
+from .conftest import Synthetic, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _config(**overrides):
+    return tiny_config(sources="available", methods=["scratch", "scratch+proto", "mmpt"],
+                       **{"episodes.min_class_samples": None, "episodes.queries": 2, "episodes.count": 2, **overrides})
+
+
+def _sweep(synthetic: Synthetic, tmp_path: Path, **kw) -> Sweep:
+    return Sweep(_config(), ["toyclass", "toyordinal"], [0, 1], tmp_path / "sweep", root=str(tmp_path / "root"),
+                 source_dir=str(synthetic.source_dir), manifests=(str(synthetic.manifest_path),), **kw)
+
+
+class Killed(Exception):
+    """Stands for the process being killed mid-sweep."""
+
+
+def test_a_killed_sweep_rerun_redoes_nothing_finished(synthetic: Synthetic, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    kill = [True]
+    real = protocol_module.evaluate_method
+
+    def counting(method, *args, **kwargs):
+        calls.append(method.name)
+        if kill[0] and len(calls) == 5:  # the second method of the second job
+            raise Killed
+        return real(method, *args, **kwargs)
+
+    monkeypatch.setattr(protocol_module, "evaluate_method", counting)
+    sweep = _sweep(synthetic, tmp_path)
+    with pytest.raises(Killed):
+        sweep.run()
+    first = sweep.jobs[0].out / "results.json"
+    stamp = first.stat().st_mtime_ns
+    trained = sorted((tmp_path / "sweep" / "pretrained").glob("mmpt-*/checkpoint.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in trained}
+    calls.clear()
+    kill[0] = False
+    combined = _sweep(synthetic, tmp_path).run()
+    # Job 1 was finished: not rerun. Job 2 had scratch done: only its other two methods ran. Jobs 3-4 ran whole.
+    assert first.stat().st_mtime_ns == stamp
+    assert calls == ["scratch+proto", "mmpt"] + ["scratch", "scratch+proto", "mmpt"] * 2
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished pretraining was reused
+    assert len(combined["table"]) == 2 * 3 and {r["seeds"] for r in combined["table"]} == {2}
+    for name in ("table.json", "table.csv", "table.md", "table.png"):
+        assert (tmp_path / "sweep" / name).stat().st_size > 100, name
+    row = next(r for r in combined["table"] if r["target"] == "toyclass" and r["method"] == "mmpt")
+    runs = [json.loads((j.out / "results.json").read_text())["methods"]["mmpt"]["summary"]["auroc"]
+            for j in sweep.jobs if j.target == "toyclass"]
+    assert row["auroc"] == pytest.approx(np.mean(runs)) and row["auroc_seed_std"] == pytest.approx(np.std(runs, ddof=1))
+    # Targets with identical sources and settings share pretraining: toyclass and toyordinal have
+    # different sources, so there is one mm-PT run per (target, seed).
+    assert len(list((tmp_path / "sweep" / "pretrained").glob("mmpt-*"))) == 4
+
+
+def test_submit_and_collect_with_submitits_local_executor(synthetic: Synthetic, tmp_path: Path) -> None:
+    sweep = Sweep(_config(), ["toyclass"], [0], tmp_path / "sweep", root=str(tmp_path / "root"),
+                  source_dir=str(synthetic.source_dir), manifests=(str(synthetic.manifest_path),))
+    assert sweep.run("submitit-local", wait=False) is None  # submitted, not collected
+    jobs = json.loads((tmp_path / "sweep" / "jobs.json").read_text())
+    assert list(jobs) == ["toyclass/seed0"]
+    combined = sweep.run("submitit-local")  # resubmits the unfinished job (a local job dies with its process) and waits
+    assert [r["method"] for r in combined["table"]] == ["scratch", "scratch+proto", "mmpt"]
+    logs = list((tmp_path / "sweep" / "submitit").glob("*_log.out"))
+    assert logs, "the jobs ran in submitit subprocesses"
+    assert sweep.pending() == [] and sweep.run("submitit-local")["table"] == combined["table"]  # collected only
+
+
+def _cdfsl(args: list[str], out: Path, nproc: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(REPO / "experiments" / "cdfsl.py"), *args, "--out", str(out), "--nproc", str(nproc)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_torchrun_two_processes_match_one(synthetic: Synthetic, tmp_path: Path) -> None:
+    args = ["--target", "toyclass", "--methods", "scratch,scratch+proto,maml,mmpt", "--config", "smoke",
+            "--device", "cpu", "--sources", "available", "--manifest", str(synthetic.manifest_path),
+            "--source-dir", str(synthetic.source_dir), "--root", str(tmp_path / "root"),
+            "--set", "episodes.min_class_samples=null", "--set", "episodes.count=5", "--set", "maml.steps=3",
+            "--set", "maml.meta_batch=4"]
+    one = _cdfsl(args, tmp_path / "one", 1)
+    two = _cdfsl(args, tmp_path / "two", 2)
+    for method in ("scratch", "scratch+proto"):  # evaluation sharded over ranks: identical episodes, identical numbers
+        assert one["methods"][method]["per_episode"] == two["methods"][method]["per_episode"], method
+    # MAML's meta-gradients are summed across ranks: the same training up to float rounding.
+    a = [e["auroc"] for e in one["methods"]["maml"]["per_episode"]]
+    b = [e["auroc"] for e in two["methods"]["maml"]["per_episode"]]
+    np.testing.assert_allclose(a, b, atol=0.05)
+    assert two["methods"]["mmpt"]["summary"]["episodes"] == 5  # DDP mm-PT ran (BatchNorm per rank: not equal)
