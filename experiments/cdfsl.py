@@ -27,6 +27,7 @@ from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
 from medmeta.evaluation import load_experiment_config, run_protocol
 from medmeta.evaluation.sweep import Sweep
+from medmeta.learning.runtime import configure_threads
 from medmeta.settings import set_dotted
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--manifest", action="append", help=f"a manifest of your own datasets (repeatable; or ${MANIFEST_ENV})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set pretrain.steps=500")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of this run (default: torch's, one per core); "
+                                                    "give runs sharing a machine one each")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes on this machine: re-launches this command under torchrun (one per GPU, or "
                              "one per core on a CPU); the same as `torchrun --nproc_per_node N experiments/cdfsl.py`")
@@ -108,12 +111,15 @@ def main(argv: list[str] | None = None) -> dict | None:
         relaunch_under_torchrun(args.nproc, argv)
         return None
     try:
+        warning = configure_threads(args.threads)
         config = load_experiment_config(args.config, CONFIGS, overrides(args), args.set)
         if args.print_config:
             if distributed.is_main():
                 print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return None
         manifest = load_manifest(args.manifest)
+        if warning and distributed.is_main():
+            print(warning, file=sys.stderr)
         source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
         targets = _list(args.target) if args.target else [config.target]
         if targets == [config.target] and not args.seeds and args.launcher == "local":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .data.fetch import SOURCE_DIR_ENV
 from .data.manifest import MANIFEST_ENV, load_manifest
-from .data.store import ROOT_ENV, Store
+from .data.store import ROOT_ENV, Store, rebuild_hint
 from .data.tasks import describe_subset
 from .errors import ConfigError, MedmetaError, StoreError
 
@@ -63,12 +63,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{'subset':<16}{'size':>5}{'train':>8}{'val':>7}{'test':>7}  {'manifest':<9} tasks")
     for e in entries:
         info = store.manifest[e.subset]
-        ok = "ok" if e.counts == dict(info.splits) else "MISMATCH"
+        ok = "CORRUPT" if e.problem else "ok" if e.counts == dict(info.splits) else "MISMATCH"
         tasks = describe_subset(info, e.size)
         task_text = tasks[0].task_type if len(tasks) == 1 else f"{tasks[0].task_type} + {len(tasks) - 1} binary"
         print(f"{e.subset:<16}{e.size:>5}{e.counts['train']:>8}{e.counts['val']:>7}{e.counts['test']:>7}  "
               f"{ok:<9} {task_text} ({len(info.labels)} labels, {info.domain})")
-    return 0
+        if e.problem:
+            print(f"  {e.path}: {e.problem}; {rebuild_hint(info.short_name, e.size)}", file=sys.stderr)
+    return 1 if any(e.problem for e in entries) else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -8,13 +8,19 @@ Images are chunked so that one chunk holds roughly ``CHUNK_BYTES`` of whole imag
 bounded; at 28px a chunk holds ~80 images, which keeps the chunk index small. Chunks are
 LZF-compressed (fast to decode). Builds stream the npz in blocks, write a temporary file
 next to the target and rename it into place, so a crash never leaves a half-written store
-visible and re-running skips what is already built.
+visible and re-running skips what is already built; the free disk space is checked first.
+
+Corruption is never read silently: every chunk carries HDF5's Fletcher-32 checksum, checked
+by HDF5 on each read, and each dataset's MD5 is recorded at build time. Labels are small, so
+opening a task checks their MD5 whole; a damaged image chunk fails its checksum when read.
+Either way the reader stops with one line naming the file and how to rebuild it
+(``medmeta prepare NAME --force``, from ``--source-dir`` or the download cache), and
+``is_built`` treats a file with damaged labels as not built, so the next build repairs it.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,15 +31,15 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import StoreError
-from ..files import atomic_path
+from ..files import atomic_path, ensure_folder
 from .fetch import fetch, iter_npz_rows, npz_array_shape
 from .manifest import SPLITS, Manifest, load_manifest
 
 ROOT_ENV = "MEDMETA_ROOT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: Fletcher-32 checksums on every chunk, labels chunked too."""
 CHUNK_BYTES = 64 * 2**10
 BUILD_BLOCK_BYTES = 64 * 2**20
-_TMP = re.compile(r"^\.(?P<name>.+\.h5)\.(?P<pid>\d+)\.tmp$")
 
 
 def default_root() -> Path:
@@ -56,17 +62,34 @@ class Entry:
     source_md5: str
     built_at: str
     path: Path
+    problem: str = ""
+    """Empty when the file reads and its labels match their recorded MD5; else what is wrong."""
 
 
-def _pid_alive(pid: int) -> bool:
+def rebuild_hint(short_name: str, size: int) -> str:
+    return (f"rebuild it with `medmeta prepare {short_name} --size {size} --force` (from --source-dir or the "
+            "download cache, or downloaded again)")
+
+
+def open_store_file(path: Path) -> h5py.File:
+    """Open a store file for reading; one StoreError line when it cannot be read."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return h5py.File(path, "r")
+    except OSError as exc:
+        reason = exc.strerror or " ".join(str(exc).split())
+        raise StoreError(f"{path}: cannot read this store file ({reason})") from None
 
+
+def labels_problem(fh: h5py.File) -> str:
+    """Empty if every split's labels match their recorded MD5 (cheap: labels are small), else what differs."""
+    try:
+        for split in SPLITS:
+            dset = fh[f"{split}/labels"]
+            if _dataset_md5(dset) != dset.attrs.get("md5"):
+                return f"{split}/labels differ from their recorded MD5"
+    except (OSError, KeyError) as exc:
+        return f"labels unreadable ({' '.join(str(exc).split())})"
+    return ""
 
 class Store:
     """A folder of built subsets; build, list and verify them."""
@@ -94,14 +117,15 @@ class Store:
                 if (self.store_dir / f"{name}_{size}.h5").is_file()]
 
     def is_built(self, subset: str, size: int) -> bool:
-        """True when the file exists and was built from the official file the manifest names."""
+        """True when the file exists, was built from the file the manifest names in this format,
+        and its labels match their recorded MD5 (a file failing this is rebuilt by ``build``)."""
         path = self.path(subset, size)
         if not path.is_file():
             return False
         try:
             with h5py.File(path, "r") as fh:
                 return (fh.attrs.get("source_md5") == self.manifest[subset].file(size).md5
-                        and int(fh.attrs.get("format_version", -1)) == FORMAT_VERSION)
+                        and int(fh.attrs.get("format_version", -1)) == FORMAT_VERSION and not labels_problem(fh))
         except OSError:
             return False
 
@@ -114,9 +138,10 @@ class Store:
             return target
         info = self.manifest[subset]
         npz = fetch(info, size, self.download_dir, source_dir=source_dir, download=download)
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_temps()
-        with atomic_path(target) as tmp, h5py.File(tmp, "w") as fh:
+        ensure_folder(self.store_dir)
+        needs = sum(int(np.prod(npz_array_shape(npz, f"{split}_{part}"))) for split in SPLITS
+                    for part in ("images", "labels")) + 2**20
+        with atomic_path(target, needs_bytes=needs) as tmp, h5py.File(tmp, "w") as fh:
             fh.attrs.update(subset=subset, size=size, source_file=info.file(size).file,
                             source_md5=info.file(size).md5, manifest_version=self.manifest.version,
                             medmeta_version=__version__, format_version=FORMAT_VERSION,
@@ -135,8 +160,8 @@ class Store:
         is_images = key.endswith("images")
         dset = fh.create_dataset(
             name, shape=(total, *row_shape), dtype=np.uint8,
-            chunks=(min(total, chunk_rows(row_shape)), *row_shape) if is_images else None,
-            compression="lzf" if is_images else None)
+            chunks=(min(total, chunk_rows(row_shape)), *row_shape) if is_images else True,
+            compression="lzf" if is_images else None, fletcher32=True)
         digest = hashlib.md5()
         start = 0
         with tqdm(total=total, desc=desc, unit="img", leave=False, disable=None) as bar:
@@ -147,26 +172,20 @@ class Store:
                 bar.update(len(block))
         dset.attrs["md5"] = digest.hexdigest()
 
-    def _remove_stale_temps(self) -> None:
-        """Delete temporary files left by builds whose process died."""
-        for path in self.store_dir.glob(".*.tmp"):
-            match = _TMP.match(path.name)
-            if match and not _pid_alive(int(match["pid"])):
-                path.unlink(missing_ok=True)
-
     def verify(self, subset: str, size: int) -> Entry:
-        """Re-read a built file: provenance, split counts and shapes against the manifest, content MD5s."""
+        """Re-read a built file: provenance, split counts and shapes against the manifest, every
+        chunk's checksum and each dataset's content MD5."""
         subset = self.manifest.resolve(subset)
         info = self.manifest[subset]
         path = self.path(subset, size, must_exist=True)
-        problem = f"{path}: %s; rebuild it with `medmeta prepare {info.short_name} --size {size} --force`"
+        problem = f"{path}: %s; {rebuild_hint(info.short_name, size)}"
         try:
             fh = h5py.File(path, "r")
         except OSError as exc:
-            raise StoreError(problem % f"not a readable HDF5 file ({exc})") from None
+            raise StoreError(problem % f"not a readable HDF5 file ({' '.join(str(exc).split())})") from None
         with fh:
             if fh.attrs.get("source_md5") != info.file(size).md5:
-                raise StoreError(problem % "built from a file other than the official one in the manifest")
+                raise StoreError(problem % "built from a file other than the one the manifest names")
             counts = {}
             for split in SPLITS:
                 for part, shape in (("images", info.image_shape(size)), ("labels", (info.label_width(),))):
@@ -176,20 +195,30 @@ class Store:
                     if dset.shape != (info.splits[split], *shape):
                         raise StoreError(problem % f"{split}/{part} has shape {dset.shape}, expected "
                                          f"{(info.splits[split], *shape)}")
-                    if _dataset_md5(dset) != dset.attrs.get("md5"):
+                    try:
+                        digest = _dataset_md5(dset)
+                    except OSError as exc:  # a chunk fails its checksum or does not decompress
+                        raise StoreError(problem % f"{split}/{part} is unreadable ({' '.join(str(exc).split())})"
+                                         ) from None
+                    if digest != dset.attrs.get("md5"):
                         raise StoreError(problem % f"{split}/{part} content does not match its recorded MD5")
                 counts[split] = info.splits[split]
             return Entry(subset, size, counts, str(fh.attrs["source_md5"]), str(fh.attrs["built_at"]), path)
 
     def info(self) -> list[Entry]:
-        """Provenance and split counts of every built file (cheap: reads metadata only)."""
+        """Provenance and split counts of every built file, and whether its labels are intact (cheap)."""
         entries = []
         for subset, size in self.built():
             path = self.path(subset, size)
-            with h5py.File(path, "r") as fh:
-                counts = {split: int(fh[f"{split}/labels"].shape[0]) for split in SPLITS}
-                entries.append(Entry(subset, size, counts, str(fh.attrs.get("source_md5")),
-                                     str(fh.attrs.get("built_at")), path))
+            try:
+                with h5py.File(path, "r") as fh:
+                    counts = {split: int(fh[f"{split}/labels"].shape[0]) for split in SPLITS}
+                    problem = labels_problem(fh)
+                    entries.append(Entry(subset, size, counts, str(fh.attrs.get("source_md5")),
+                                         str(fh.attrs.get("built_at")), path, problem))
+            except (OSError, KeyError) as exc:
+                entries.append(Entry(subset, size, {s: 0 for s in SPLITS}, "", "", path,
+                                     f"unreadable ({' '.join(str(exc).split())})"))
         return entries
 
 

@@ -8,19 +8,20 @@ DataLoader workers, or holds the whole split in memory for small image sizes.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StoreError
 from ..tasktype import TaskType
 from .manifest import SPLITS, Manifest, SubsetInfo, load_manifest
-from .store import Store
+from .store import Store, labels_problem, open_store_file, rebuild_hint
 
 # Splits whose images fit comfortably in memory are loaded whole when in_memory is None.
 AUTO_IN_MEMORY_BYTES = 512 * 2**20
@@ -109,7 +110,10 @@ class MedMNISTTask(Dataset):
         self._parts = SPLITS if split == "all" else (split,)
         self.transform = transform
         self.path = self.store.path(self.task.subset, self.task.size, must_exist=True)
-        with h5py.File(self.path, "r") as fh:
+        with open_store_file(self.path) as fh, self._corruption_is_one_line():
+            problem = labels_problem(fh)
+            if problem:
+                raise OSError(problem)  # reported as corruption below
             images = [fh[f"{part}/images"] for part in self._parts]
             raw_labels = np.concatenate([fh[f"{part}/labels"][()] for part in self._parts])
             nbytes = sum(d.size * d.dtype.itemsize for d in images)
@@ -131,10 +135,21 @@ class MedMNISTTask(Dataset):
     def in_memory(self) -> bool:
         return self._images is not None
 
+    @contextmanager
+    def _corruption_is_one_line(self) -> Iterator[None]:
+        """Turn an HDF5 read error (a chunk failing its checksum, undecodable data) into one StoreError line."""
+        try:
+            yield
+        except OSError as exc:
+            reason = " ".join(str(exc).split())
+            info = self.store.manifest[self.task.subset]
+            raise StoreError(f"{self.path} is corrupt: a read failed its checksum or could not be decoded ({reason}); "
+                             f"{rebuild_hint(info.short_name, self.task.size)}") from None
+
     def _datasets(self) -> list[h5py.Dataset]:
         """The image datasets of the split(s), opened lazily once per process (fork-safe for workers)."""
         if self._handle is None or self._pid != os.getpid():
-            fh = h5py.File(self.path, "r")
+            fh = open_store_file(self.path)
             self._handle = [fh[f"{part}/images"] for part in self._parts]
             self._pid = os.getpid()
         return self._handle
@@ -153,7 +168,8 @@ class MedMNISTTask(Dataset):
             return np.empty((0, *dsets[0].shape[1:]), np.uint8)
         part = np.searchsorted(self._offsets, idx, side="right") - 1
         local = idx - self._offsets[part]
-        return np.stack([dsets[p][i] for p, i in zip(part.tolist(), local.tolist())])
+        with self._corruption_is_one_line():
+            return np.stack([dsets[p][i] for p, i in zip(part.tolist(), local.tolist())])
 
     def to_tensor(self, raw: np.ndarray) -> torch.Tensor:
         """uint8 images (batch first, npz layout) to float tensors in [0, 1], channels first."""

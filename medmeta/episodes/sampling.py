@@ -166,12 +166,14 @@ class _TaskPlan:
                 raise EpisodeError(f"{self.where}: a binary episode needs both classes, but only {self.max_way} "
                                    f"has at least min_class_samples={self.min_class_samples} samples")
             return full
+        rule = "" if self.min_class_samples is None else f" with at least {self.min_class_samples} samples"
         if n_way is None or n_way == "all":
+            if self.max_way < 2:
+                raise EpisodeError(f"{self.where} has {self.max_way} eligible classes{rule}; an episode needs 2")
             n_way = self.max_way
         if n_way < 2:
             raise EpisodeError(f"n_way must be at least 2, got {n_way}")
         if n_way > self.max_way:
-            rule = "" if self.min_class_samples is None else f" with at least {self.min_class_samples} samples"
             raise EpisodeError(f"n_way={n_way} but {self.where} has only {self.max_way} eligible classes{rule}")
         return int(n_way)
 

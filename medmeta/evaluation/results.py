@@ -124,7 +124,8 @@ def plot_results(out: Path, results: Mapping[str, Any]) -> Path:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = out / "results.png"
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 

@@ -114,9 +114,10 @@ def frozen_features(net: nn.Module, episode: Episode) -> tuple[Tensor, Tensor]:
 
 
 def fine_tune(work: WorkingCopy, episode: Episode, steps: int, lr: float, seed: int,
-              head: HeadState | None = None) -> Tensor:
+              head: HeadState | None = None, bf16: bool = False) -> Tensor:
     """Fine-tune the backbone plus a head (fresh from ``seed``, or ``head``) on the support set;
-    return the query logits (Nq, num_outputs). The original backbone is never modified."""
+    return the query logits (Nq, num_outputs). The original backbone is never modified.
+    ``bf16``: autocast the training steps to bfloat16 (the query is predicted in float32)."""
     net = work.reset()
     device, dtype = device_dtype(net)
     sx, sy, qx = _on(episode, device)
@@ -128,7 +129,9 @@ def fine_tune(work: WorkingCopy, episode: Episode, steps: int, lr: float, seed: 
     loss_fn = episode.task_type.loss
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(sx), sy).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(sx)
+        loss_fn(logits.to(dtype), sy).backward()
         opt.step()
     model.eval()
     with torch.inference_mode():
@@ -249,20 +252,22 @@ def default_batched(device: torch.device) -> bool:
 
 def fine_tune_episodes(backbone: nn.Module, episodes: Sequence[Episode], steps: int, lr: float,
                        seeds: Sequence[int], batched: bool | None = None, chunk_size: int | None = None,
-                       heads: Sequence[HeadState] | None = None) -> list[Tensor]:
+                       heads: Sequence[HeadState] | None = None, bf16: bool = False) -> list[Tensor]:
     """Query logits for every episode, one by one or vmapped (``batched=None``: by device).
 
     Episodes may differ in shape; batched mode groups same-shaped episodes. The logits are the
-    same either way (up to float rounding).
+    same either way (up to float rounding). ``bf16`` (one by one only) autocasts the steps.
     """
     if len(seeds) != len(episodes):
         raise ValueError(f"{len(seeds)} seeds for {len(episodes)} episodes")
     if batched is None:
-        batched = default_batched(device_dtype(backbone)[0])
+        batched = default_batched(device_dtype(backbone)[0]) and not bf16
     if not batched:
         work = WorkingCopy(backbone)
-        return [fine_tune(work, e, steps, lr, s, None if heads is None else heads[i])
+        return [fine_tune(work, e, steps, lr, s, None if heads is None else heads[i], bf16)
                 for i, (e, s) in enumerate(zip(episodes, seeds))]
+    if bf16:
+        raise ValueError("bf16 fine-tuning runs episode by episode; pass batched=False")
     groups: dict[tuple, list[int]] = {}
     for i, e in enumerate(episodes):
         groups.setdefault(_shape_key(e), []).append(i)

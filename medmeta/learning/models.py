@@ -83,7 +83,7 @@ class SmallMapConv2d(nn.Conv2d):
         oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, oh*ow)
-        out = self.weight.view(self.out_channels, -1) @ cols
+        out = self.weight.reshape(self.out_channels, -1) @ cols
         if self.bias is not None:
             out = out + self.bias.view(-1, 1)
         return out.view(x.shape[0], self.out_channels, oh, ow)

@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from .models import MultiHeadModel, batchnorm_restored, reestimate_batchnorm
-from .runtime import autocast, check_identity, checkpoint_identity, evaluate_split, to_device
+from .runtime import Precision, autocast, check_identity, checkpoint_identity, evaluate_split, to_device
 
 
 @dataclass
@@ -67,6 +67,10 @@ class PretrainConfig(Settings):
     bn_batches: int = setting(8, min=1)
     """Training batches per task that give its BatchNorm statistics at validation."""
     checkpoint_every: int = setting(250, min=1)
+    precision: Precision = "auto"
+    """bf16 autocast on CUDA by default (see ``runtime.Precision``)."""
+    channels_last: bool = False
+    """Train in channels-last memory format (faster convolutions on recent GPUs; 2D only)."""
 
 
 class MultiTaskPretrainer:
@@ -80,6 +84,8 @@ class MultiTaskPretrainer:
         self.task_ids = sorted(train)
         self.train, self.val, self.config, self.device, self.seed = train, val, config, device, seed
         self.model = MultiHeadModel(backbone, {t: train[t].task.num_outputs for t in self.task_ids}).to(device)
+        if config.channels_last and train[self.task_ids[0]].task.dims == 2:
+            self.model.to(memory_format=torch.channels_last)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=config.lr, fused=True)
         self.probs = task_probabilities([len(train[t]) for t in self.task_ids], config.sampling, config.temperature)
         self.loss_weights = (1.0 / len(self.task_ids)) / self.probs if config.reweight else np.ones(len(self.task_ids))
@@ -122,9 +128,11 @@ class MultiTaskPretrainer:
         clock = time.perf_counter()
         indices = self._next_indices(task_id)
         x, y = to_device(*ds.get_batch(indices[distributed.batch_slice(len(indices))]), self.device)
+        if self.config.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         self.data_seconds += time.perf_counter() - clock
         self.model.train()
-        with autocast(self.device):
+        with autocast(self.device, self.config.precision):
             logits = self.net(x, task_id).float()
         loss = ds.task.task_type.loss(logits, y) * float(self.loss_weights[k])
         self.opt.zero_grad(set_to_none=True)
@@ -151,7 +159,7 @@ class MultiTaskPretrainer:
         scores: dict[str, float] = {}
         for task_id, ds in self.val.items():
             with batchnorm_restored(self.model.backbone):
-                with autocast(self.device):
+                with autocast(self.device, self.config.precision):
                     reestimate_batchnorm(self.model.backbone, self.bn_batches(task_id))
                 res = evaluate_split(lambda x, t=task_id: self.model(x, t), self.model, ds, self.device,
                                      self.val_indices[task_id])

@@ -1,0 +1,214 @@
+"""GPU benchmark: every trainer and adaptation rule on the device, timed, with the projected
+wall time of the ``paper`` profile for one target. One command, under 8 minutes on one GPU:
+
+    python benchmarks/gpu.py                  # on a GPU machine
+    python benchmarks/gpu.py --smoke          # the same code paths on a CPU, tiny sizes (a test runs this)
+
+It builds a synthetic store (random images; speed does not depend on pixel values) and prints:
+
+1. mm-PT images/s at 28 and 224px: fp32 vs bf16 autocast, NCHW vs channels_last, with the
+   data pipeline's share of each step (``MultiTaskPretrainer.data_seconds``);
+2. full fine-tuning episodes/min at 224px (5-way 5-shot 10-query, 50 Adam steps): vmapped
+   (``fine_tune_many``) vs one by one, with the largest logit difference between the two;
+3. every adaptation rule (linear, knn, proto, lpft, inner) once on the device;
+4. MAML meta-step time and peak memory, first and second order (``train_maml``);
+5. supervised training, one epoch (``train_supervised``);
+6. the projected wall time of the paper profile (50k mm-PT steps, 20k second-order MAML
+   steps, 100 episodes x 4 methods) from the measured rates.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medmeta.data import MedMNISTTask, Store  # noqa: E402
+from medmeta.data.manifest import parse_manifest  # noqa: E402
+from medmeta.episodes import Episode  # noqa: E402
+from medmeta.learning.finetune import fine_tune_episodes  # noqa: E402
+from medmeta.learning.maml import MAMLConfig, train_maml  # noqa: E402
+from medmeta.learning.models import Classifier, build_backbone  # noqa: E402
+from medmeta.learning.pretrain import MultiTaskPretrainer, PretrainConfig  # noqa: E402
+from medmeta.learning.runtime import resolve_device  # noqa: E402
+from medmeta.learning.supervised import SupervisedConfig, train_supervised  # noqa: E402
+from medmeta.methods import KNN, LPFT, FineTune, LinearProbe, MAMLInner, Prototypes  # noqa: E402
+from medmeta.tasktype import TaskType  # noqa: E402
+
+
+def synthetic_store(folder: Path, sizes: tuple[int, ...], n: int) -> Store:
+    """Two RGB tasks (5 and 3 classes) of ``n`` training images at each size."""
+    rng = np.random.default_rng(0)
+    subsets = {}
+    for name, classes in (("benchfive", 5), ("benchthree", 3)):
+        files = {}
+        for size in sizes:
+            splits = {"train": n, "val": max(n // 4, 32), "test": 32}
+            arrays = {}
+            for split, count in splits.items():
+                arrays[f"{split}_images"] = rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+                arrays[f"{split}_labels"] = (np.arange(count) % classes).astype(np.uint8)[:, None]
+            path = folder / f"{name}_{size}.npz"
+            np.savez(path, **arrays)
+            files[size] = {"file": path.name, "url": None, "md5": hashlib.md5(path.read_bytes()).hexdigest()}
+        subsets[name] = {"short_name": name, "dims": 2, "channels": 3, "task_type": "multi-class",
+                         "labels": [f"c{i}" for i in range(classes)], "splits": splits, "modality": "synthetic",
+                         "domain": name, "source_dataset": "random", "license": "CC0", "citation": "none",
+                         "files": files}
+    manifest = parse_manifest({"version": "bench", "subsets": subsets, "exclusion_groups": {}}, folder / "m.yaml")
+    store = Store(folder / "root", manifest)
+    for name in subsets:
+        for size in sizes:
+            store.build(name, size, source_dir=folder, download=False)
+    return store
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def mmpt_rate(store: Store, size: int, steps: int, batch: int, precision: str, channels_last: bool,
+              device: torch.device) -> tuple[float, float]:
+    """Images/s of mm-PT training steps and the data pipeline's share of their time."""
+    train = {n: MedMNISTTask(store, n, "train", size=size) for n in ("benchfive", "benchthree")}
+    val = {n: MedMNISTTask(store, n, "val", size=size) for n in train}
+    config = PretrainConfig(steps=steps + 2, batch_size=batch, eval_every=10**6, checkpoint_every=10**6,
+                            precision=precision, channels_last=channels_last)
+    torch.manual_seed(0)
+    trainer = MultiTaskPretrainer(build_backbone("resnet18", stem="imagenet"), train, val, config, device)
+    for _ in range(2):
+        trainer.train_step()
+    sync(device)
+    trainer.data_seconds = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    sync(device)
+    seconds = time.perf_counter() - start
+    return steps * batch / seconds, trainer.data_seconds / seconds
+
+
+def episodes(size: int, count: int, ways: int = 5, shots: int = 5, queries: int = 10) -> list[Episode]:
+    gen = torch.Generator().manual_seed(1)
+    sy = torch.arange(ways).repeat_interleave(shots)
+    return [Episode(torch.rand(len(sy), 3, size, size, generator=gen), sy,
+                    torch.rand(ways * queries, 3, size, size, generator=gen), None, TaskType.MULTI_CLASS,
+                    tuple(range(ways))) for _ in range(count)]
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the code paths in about a minute")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    smoke = args.smoke
+    big = 28 if smoke else 224
+    sizes = (28,) if smoke else (28, 224)
+    mmpt_steps, mmpt_batch = (2, 8) if smoke else (30, 64)
+    n_adapt, ft_steps = (2, 2) if smoke else (8, 50)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {device} ({name}), torch {torch.__version__}{', smoke mode' if smoke else ''}\n")
+    report: dict = {"device": name}
+
+    with tempfile.TemporaryDirectory(prefix="medmeta_gpu_") as tmp:
+        store = synthetic_store(Path(tmp), sizes, n=64 if smoke else 512)
+
+        print("1. mm-PT (ResNet-18, ImageNet stem, batch %d)" % mmpt_batch)
+        print(f"{'size':>6}{'precision':>11}{'layout':>15}{'images/s':>12}{'data share':>12}")
+        rates = {}
+        for size in sizes:
+            for precision in ("fp32", "bf16"):
+                for channels_last in (False, True):
+                    rate, share = mmpt_rate(store, size, mmpt_steps, mmpt_batch, precision, channels_last, device)
+                    rates[size, precision, channels_last] = rate
+                    layout = "channels_last" if channels_last else "NCHW"
+                    print(f"{size:>6}{precision:>11}{layout:>15}{rate:>12,.0f}{share:>11.1%}")
+        report["mmpt_images_per_s"] = {f"{k[0]}px/{k[1]}/{'cl' if k[2] else 'nchw'}": v for k, v in rates.items()}
+
+        print(f"\n2. fine-tuning {n_adapt} episodes at {big}px, 5-way 5-shot 10-query, {ft_steps} Adam steps")
+        torch.manual_seed(0)
+        backbone = build_backbone("resnet18", stem="imagenet").to(device)
+        eps = [e.to(device) for e in episodes(big, n_adapt)]
+        fine_tune_episodes(backbone, eps[:1], 1, 1e-3, [0], batched=False)
+        fine_tune_episodes(backbone, eps[:1], 1, 1e-3, [0], batched=True)
+        t_one, one = timed(lambda: fine_tune_episodes(backbone, eps, ft_steps, 1e-3, list(range(n_adapt)),
+                                                      batched=False), device)
+        reset_peak(device)
+        t_bat, bat = timed(lambda: fine_tune_episodes(backbone, eps, ft_steps, 1e-3, list(range(n_adapt)),
+                                                      batched=True), device)
+        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(one, bat))
+        print(f"one by one: {60 * n_adapt / t_one:,.1f} episodes/min; vmapped: {60 * n_adapt / t_bat:,.1f} "
+              f"episodes/min ({t_one / t_bat:.2f}x, peak {peak_mib(device):,.0f} MiB); max |logit diff| {diff:.2e}")
+        report.update(finetune_episode_s=t_one / n_adapt, finetune_batched_episode_s=t_bat / n_adapt)
+
+        print(f"\n3. the other adaptation rules, {n_adapt} episodes at {big}px")
+        rules = {"linear": LinearProbe(), "knn": KNN(), "proto": Prototypes(),
+                 "lpft": LPFT(finetune=FineTune(steps=ft_steps)), "inner": MAMLInner(steps=2 if smoke else 32)}
+        for rule_name, rule in rules.items():
+            seconds, scores = timed(lambda r=rule: r.predict_many(backbone, eps, list(range(n_adapt))), device)
+            assert all(torch.isfinite(s).all() for s in scores), rule_name
+            print(f"{rule_name:<8}{seconds / n_adapt:>8.3f} s/episode")
+            report[f"{rule_name}_episode_s"] = seconds / n_adapt
+
+        print(f"\n4. MAML meta-steps at {big}px (4 episodes of up to 5-way, up to 5-shot, 10 queries, 4 inner steps)")
+        train = {n: MedMNISTTask(store, n, "train", size=big) for n in ("benchfive", "benchthree")}
+        meta_steps = 1 if smoke else 4
+        for order in ("first", "second"):
+            config = MAMLConfig(steps=meta_steps, max_shot=5, n_query=5 if smoke else 10,
+                                first_order=order == "first", inner_steps=1 if smoke else 4)
+            torch.manual_seed(0)
+            net = build_backbone("resnet18", stem="imagenet")
+            reset_peak(device)
+            seconds, maml = timed(lambda: train_maml(net, train, config, device), device)
+            print(f"{order}-order: {seconds / meta_steps:.2f} s/meta-step, peak {peak_mib(device):,.0f} MiB")
+            report[f"maml_{order}_step_s"] = seconds / meta_steps
+
+        print("\n5. supervised training, one epoch at 28px")
+        torch.manual_seed(0)
+        model = Classifier(build_backbone("resnet18", stem="imagenet"), 5)
+        seconds, best = timed(lambda: train_supervised(
+            model, MedMNISTTask(store, "benchfive", "train", size=28), MedMNISTTask(store, "benchfive", "val", size=28),
+            SupervisedConfig(epochs=1, batch_size=mmpt_batch), device), device)
+        print(f"{seconds:.1f} s, validation AUROC {best['val_auroc']:.3f} (random labels: about 0.5)")
+
+    mmpt_rate_paper = rates[max(sizes), "bf16", True] if device.type == "cuda" else rates[max(sizes), "fp32", False]
+    projected = {"mm-PT 50k steps x 64": 50000 * 64 / mmpt_rate_paper,
+                 "MAML 20k second-order steps": 20000 * report["maml_second_step_s"],
+                 "adaptation 100 episodes x 3 fine-tuned methods": 300 * report["finetune_batched_episode_s"],
+                 "adaptation 100 episodes, MAML's inner loop": 100 * report["inner_episode_s"]}
+    print(f"\n6. projected paper profile for one target at {big}px (from the rates above)")
+    for what, seconds in projected.items():
+        print(f"{what:<48}{seconds / 3600:>8.2f} h")
+    print(f"{'total':<48}{sum(projected.values()) / 3600:>8.2f} h")
+    report["projected_hours"] = {k: v / 3600 for k, v in projected.items()}
+    return report
+
+
+if __name__ == "__main__":
+    main()
