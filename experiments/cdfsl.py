@@ -25,7 +25,7 @@ from medmeta import distributed
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
-from medmeta.evaluation import load_experiment_config, run_protocol
+from medmeta.evaluation import Protocol, load_experiment_config
 from medmeta.evaluation.sweep import Sweep
 from medmeta.learning.runtime import configure_threads
 from medmeta.settings import set_dotted
@@ -118,16 +118,17 @@ def main(argv: list[str] | None = None) -> dict | None:
                 print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return None
         manifest = load_manifest(args.manifest)
-        if warning and distributed.is_main():
-            print(warning, file=sys.stderr)
         source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
         targets = _list(args.target) if args.target else [config.target]
         if targets == [config.target] and not args.seeds and args.launcher == "local":
             out = Path(args.out or f"runs/cdfsl/{manifest[config.target].short_name}")
-            return run_protocol(config, out, root=args.root, manifest=manifest, source_dir=source_dir)
-        sweep = Sweep(config, targets, args.seeds or [config.seed], Path(args.out or "runs/cdfsl/sweep"),
-                      root=args.root, source_dir=source_dir, manifests=tuple(args.manifest or ()))
-        return sweep.run(args.launcher, wait=not args.no_wait)
+            job: Protocol | Sweep = Protocol(config, out, root=args.root, manifest=manifest, source_dir=source_dir)
+        else:
+            job = Sweep(config, targets, args.seeds or [config.seed], Path(args.out or "runs/cdfsl/sweep"),
+                        root=args.root, source_dir=source_dir, manifests=tuple(args.manifest or ()))
+        if warning and distributed.is_main():  # every input is valid: the work starts now
+            print(warning, file=sys.stderr)
+        return job.run() if isinstance(job, Protocol) else job.run(args.launcher, wait=not args.no_wait)
     except MedmetaError as exc:
         print(f"cdfsl: error: {exc}", file=sys.stderr)
         sys.exit(2)

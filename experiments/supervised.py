@@ -1,84 +1,76 @@
-"""Supervised baseline on one MedMNIST subset with the MedMNIST v2 recipe.
+"""Supervised baselines (MedMNIST v2, MedMNIST+) on the subsets present, with the published figures beside ours.
 
     MEDMETA_SOURCE_DIR=../shared/data/medmnist python experiments/supervised.py --dataset breast
+    MEDMETA_SOURCE_DIR=../shared/data/medmnist python experiments/supervised.py --dataset all --seeds 0,1,2
 
-Adam lr 1e-3, lr x0.1 at 50% and 75% of the epochs, batch 128, the epoch with the best
-validation AUROC is kept and scored on the test split. Writes ``results.json`` (config,
-seed, history, test AUROC/ACC, versions) and TensorBoard logs under ``--out``.
+Per dataset and seed: end-to-end training, a linear probe and k-NN (k=11) on frozen features and
+a scikit-learn model search on flattened pixels (2D); end-to-end 2.5D, 3D and ACS ResNets and
+the pixel search (3D). Writes baselines.json, baselines.csv, baselines.md and per-run folders
+(result, checkpoint, TensorBoard) under --out; rerunning reuses finished runs and resumes
+training. Profiles: the defaults are MedMNIST v2's recipe; --config supervised_plus is MedMNIST+'s.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
-import time
-from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from torch.utils.tensorboard import SummaryWriter
-
-from medmeta.data import MedMNISTTask, Store
+from medmeta.data.fetch import SOURCE_DIR_ENV
+from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
-from medmeta.evaluation.results import package_versions
-from medmeta.files import write_text_atomic
-from medmeta.learning.models import Classifier, build_backbone
-from medmeta.learning.runtime import evaluate_split, resolve_device
-from medmeta.learning.supervised import SupervisedConfig, train_supervised
-from medmeta.settings import apply_sets, merge, read_profile
+from medmeta.evaluation.baselines import BaselineConfig, Baselines
+from medmeta.learning.runtime import configure_threads
+from medmeta.settings import apply_sets, from_mapping, merge, read_profile, set_dotted
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", type=_list, help="subsets (comma list, short or full names) or 'all'")
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in _list(t)], help="comma list, e.g. 0,1,2")
+    parser.add_argument("--schemes", type=_list, help="end2end, linear, knn, pixels (default: all)")
+    parser.add_argument("--convs", type=_list, help="3D convolutions: 2.5d, 3d, acs (default: all)")
+    parser.add_argument("--size", type=int, help="image size of the official files (28, 64, 128, 224)")
+    parser.add_argument("--input-size", type=int, help="feed images to the network at this size (MedMNIST+: 224)")
+    parser.add_argument("--resize", choices=["pad", "bilinear"], help="how: zero-padding (MedMNIST+'s code) or bilinear")
+    parser.add_argument("--epochs", type=int, help="training epochs (the recipe's: 100)")
+    parser.add_argument("--weights", help="local ImageNet weights (end-to-end start and frozen features)")
+    parser.add_argument("--config", help="YAML profile: a path or a name under experiments/configs/ (supervised_plus)")
+    parser.add_argument("--device", help="auto, cpu or cuda")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of this run")
+    parser.add_argument("--root", help="store folder (default $MEDMETA_ROOT or ~/.medmeta)")
+    parser.add_argument("--source-dir", help=f"folder with official npz files (or ${SOURCE_DIR_ENV})")
+    parser.add_argument("--manifest", action="append", help=f"a manifest of your own datasets (or ${MANIFEST_ENV})")
+    parser.add_argument("--out", help="output folder (default runs/supervised)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    args = parser.parse_args(argv)
+    flat = {"datasets": args.dataset, "seeds": args.seeds, "schemes": args.schemes, "convs": args.convs,
+            "size": args.size, "input_size": args.input_size, "resize": args.resize, "train.epochs": args.epochs,
+            "model.imagenet_weights": args.weights, "device": args.device}
+    overrides: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is not None:
+            set_dotted(overrides, key, value)
     try:
-        return run(argv)
+        warning = configure_threads(args.threads)
+        data = merge(read_profile(args.config, CONFIGS) if args.config else {}, overrides)
+        config = from_mapping(BaselineConfig, apply_sets(data, args.set))
+        baselines = Baselines(config, Path(args.out or "runs/supervised"), root=args.root,
+                              source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV),
+                              manifest=load_manifest(args.manifest), published=CONFIGS / "published_baselines.yaml")
+        if warning:
+            print(warning, file=sys.stderr)
+        return baselines.run()
     except MedmetaError as exc:
         print(f"supervised: error: {exc}", file=sys.stderr)
         sys.exit(2)
-
-
-def run(argv: list[str] | None = None) -> dict:
-    """Parse arguments, train, score the test split and write results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, help="subset (short or full name), e.g. breast, retina")
-    parser.add_argument("--config", default="supervised", help="YAML file or name under experiments/configs/")
-    parser.add_argument("--epochs", type=int, help="override the config's epochs")
-    parser.add_argument("--size", type=int, help="image size (default 28)")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--root", help="store folder (default $MEDMETA_ROOT or ~/.medmeta)")
-    parser.add_argument("--source-dir", help="folder with official npz files (or $MEDMETA_SOURCE_DIR)")
-    parser.add_argument("--out", help="output folder (default runs/supervised/<dataset>)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    args = parser.parse_args(argv)
-    overrides = {k: v for k, v in {"epochs": args.epochs, "size": args.size, "seed": args.seed}.items() if v is not None}
-    cfg = apply_sets(merge(read_profile(args.config, CONFIGS), overrides), args.set)
-
-    store = Store(args.root)
-    subset = store.manifest.resolve(args.dataset)
-    store.build(subset, cfg["size"], source_dir=args.source_dir)
-    train, val, test = (MedMNISTTask(store, subset, split, size=cfg["size"]) for split in ("train", "val", "test"))
-    device = resolve_device(args.device)
-    out = Path(args.out or f"runs/supervised/{store.manifest[subset].short_name}")
-    out.mkdir(parents=True, exist_ok=True)
-
-    backbone = build_backbone(cfg["arch"], dims=train.task.dims, stem=cfg["stem"])
-    model = Classifier(backbone, train.task.num_outputs)
-    recipe = SupervisedConfig(epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                              milestones=tuple(cfg["milestones"]), seed=cfg["seed"])
-    start = time.perf_counter()
-    with SummaryWriter(out / "tensorboard") as writer:
-        best = train_supervised(model, train, val, recipe, device, writer)
-    test_scores = evaluate_split(model, model, test, device)
-    results = {"dataset": subset, "size": cfg["size"], "config": cfg, "recipe": asdict(recipe),
-               "seed": cfg["seed"], "device": str(device), "best_epoch": best["epoch"],
-               "val_auroc": best["val_auroc"], "val_acc": best["val_acc"],
-               "test_auroc": test_scores["auroc"], "test_acc": test_scores["acc"],
-               "seconds": time.perf_counter() - start, "history": best["history"], "versions": package_versions()}
-    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
-    print(f"{subset} {cfg['size']}px {cfg['arch']} ({cfg['stem']} stem), best epoch {best['epoch']}: "
-          f"test AUROC {test_scores['auroc']:.3f}  ACC {test_scores['acc']:.3f}  ({results['seconds']:.0f} s) -> {out}")
-    return results
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def test_wrong_input_channels_raise():
     "kwargs, match",
     [
         ({"arch": "resnet34"}, "arch"),
-        ({"arch": "resnet50", "dims": 3}, "arch"),
+        ({"dims": 3, "conv3d": "4d"}, "conv3d"),
         ({"dims": 1}, "dims"),
         ({"stem": "tiny"}, "stem"),
         ({"dims": 3, "weights": "imagenet"}, "ImageNet"),
@@ -267,3 +267,57 @@ def test_multihead_keys_are_safe_and_reversible():
 def test_num_parameters():
     assert num_parameters(nn.Linear(3, 2)) == 8
     assert num_parameters(shared_backbone("resnet18")) == 11_176_512 - 7 * 7 * 3 * 64 + 3 * 3 * 3 * 64
+
+
+@pytest.mark.parametrize("conv3d", ["3d", "2.5d", "acs"])
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_3d_convolution_kinds(conv3d: str, arch: str) -> None:
+    from medmeta.learning.models import ACSConv3d, SmallMapConv3d
+
+    torch.manual_seed(0)
+    net = build_backbone(arch, dims=3, stem="imagenet", conv3d=conv3d)
+    out = net(torch.rand(2, 1, 28, 28, 28))
+    assert out.shape == (2, 512 if arch == "resnet18" else 2048) and torch.isfinite(out).all()
+    kernels = {tuple(m.weight.shape[2:]) for m in net.modules() if isinstance(m, (SmallMapConv3d, ACSConv3d))}
+    expected = {"3d": {(7, 7, 7), (3, 3, 3), (1, 1, 1)}, "2.5d": {(1, 7, 7), (1, 3, 3), (1, 1, 1)},
+                "acs": {(7, 7), (3, 3), (1, 1, 1)}}[conv3d]
+    assert kernels == expected
+    # A 2D-shaped ACS weight loads a 2D state dict's conv weights unchanged (ACS's point).
+    if conv3d == "acs":
+        reference = getattr(torchvision.models, arch)()
+        assert net.layer1[0].conv2.weight.shape == reference.layer1[0].conv2.weight.shape
+
+
+def test_acs_convolution_hand_case() -> None:
+    """An impulse through a 3-output ACS conv: output 0 is the kernel in the axial plane, 1 in the
+    coronal, 2 in the sagittal (cross-correlation: flipped), and zero off those planes."""
+    from medmeta.learning.models import ACSConv3d
+
+    conv = ACSConv3d(1, 3, 3, 1, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(27.0).view(3, 1, 3, 3))
+    x = torch.zeros(1, 1, 3, 3, 3)
+    x[0, 0, 1, 1, 1] = 1.0
+    y = conv(x)[0]
+    k = conv.weight[:, 0].detach().flip(1).flip(2)
+    assert torch.equal(y[0, 1], k[0]) and not y[0, 0].any() and not y[0, 2].any()
+    assert torch.equal(y[1, :, 1, :], k[1]) and not y[1, :, 0, :].any()
+    assert torch.equal(y[2, :, :, 1], k[2]) and not y[2, :, :, 2].any()
+
+
+@pytest.mark.parametrize("shape", [(512, 512, 3, 1, 1, 1), (256, 512, 3, 2, 1, 2), (256, 512, 1, 2, 0, 2),
+                                   (256, 256, 3, 1, 1, 2), (512, 512, 3, 1, 1, 4)])
+def test_small_map_convolutions_equal_the_plain_ones(shape) -> None:
+    from medmeta.learning.models import SmallMapConv2d, SmallMapConv3d
+
+    c, o, k, stride, pad, size = shape
+    torch.manual_seed(0)
+    for cls, fn, dims in ((SmallMapConv2d, torch.nn.functional.conv2d, 2), (SmallMapConv3d, torch.nn.functional.conv3d, 3)):
+        conv = cls(c, o, k, stride, pad, bias=True)
+        x = torch.randn(3, c, *(size,) * dims, requires_grad=True)
+        ref = fn(x, conv.weight, conv.bias, stride, pad)
+        out = conv(x)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        for a, b in zip(torch.autograd.grad(out.square().sum(), (x, conv.weight, conv.bias)),
+                        torch.autograd.grad(ref.square().sum(), (x, conv.weight, conv.bias))):
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)

@@ -172,10 +172,15 @@ class MedMNISTTask(Dataset):
             return np.stack([dsets[p][i] for p, i in zip(part.tolist(), local.tolist())])
 
     def to_tensor(self, raw: np.ndarray) -> torch.Tensor:
-        """uint8 images (batch first, npz layout) to float tensors in [0, 1], channels first."""
-        if raw.ndim == 4 and self.task.dims == 2:
-            return torch.from_numpy(raw.transpose(0, 3, 1, 2).astype(np.float32)).div_(255.0)
-        return torch.from_numpy(np.ascontiguousarray(raw)).float().div_(255.0).unsqueeze(1)
+        """uint8 images (batch first, npz layout) to float tensors in [0, 1], channels first.
+
+        One cast and one in-place division over the gathered pixels, in their memory order
+        (RGB images come out channels-first in shape, channels-last in memory).
+        """
+        x = raw.astype(np.float32)
+        np.divide(x, np.float32(255.0), out=x)
+        t = torch.from_numpy(x)
+        return t.permute(0, 3, 1, 2) if raw.ndim == 4 and self.task.dims == 2 else t.unsqueeze(1)
 
     def label_tensor(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         y = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])

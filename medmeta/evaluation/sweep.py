@@ -28,6 +28,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.manifest import Manifest, load_manifest
 from ..data.store import Store
 from ..errors import ConfigError, MethodError
@@ -161,12 +162,13 @@ class Sweep:
     def _run_local(self, todo: list[Job]) -> None:
         start = time.perf_counter()
         done = len(self.jobs) - len(todo)
-        with tqdm(total=len(self.jobs), initial=done, desc="sweep", unit="job") as bar:
+        with tqdm(total=len(self.jobs), initial=done, desc="sweep", unit="job", disable=not distributed.is_main()) as bar:
             for i, job in enumerate(todo):
                 bar.set_postfix_str(f"running {job.name}, {len(todo) - i - 1} left after it")
                 run_job(*self.arguments(job))
                 bar.update(1)
-        print(f"sweep: {len(todo)} job(s) run in {time.perf_counter() - start:.0f} s")
+        if distributed.is_main():
+            print(f"sweep: {len(todo)} job(s) run in {time.perf_counter() - start:.0f} s")
 
     def executor(self, launcher: Launcher) -> Any:
         import submitit
@@ -226,8 +228,9 @@ class Sweep:
         combined = {"targets": self.targets, "seeds": self.seeds, "reference": self.config.reference,
                     "config": self.config.to_dict(), "versions": package_versions(), "table": table,
                     "runs": {job.name: str(job.out / "results.json") for job in self.jobs}}
-        write_table(self.out, combined)
-        print(format_combined(combined))
+        if distributed.is_main():
+            write_table(self.out, combined)
+            print(format_combined(combined))
         return combined
 
 

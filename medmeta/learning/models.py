@@ -21,6 +21,7 @@ between tasks, one linear head per task id.
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -39,7 +40,7 @@ from ..errors import ConfigError, MethodError
 from ..settings import Settings
 
 ARCHS_2D = ("resnet18", "resnet50")
-ARCHS_3D = ("resnet18",)
+ARCHS_3D = ("resnet18", "resnet50")
 STEMS = ("cifar", "imagenet")
 
 
@@ -48,11 +49,12 @@ class ModelConfig(Settings):
     """The backbone every method of an experiment uses."""
 
     arch: Literal["resnet18", "resnet50"] = "resnet18"
-    """2D architecture; 3D targets always use the 3D ResNet-18."""
     stem: Literal["imagenet", "cifar"] = "imagenet"
     """``imagenet``: 7x7 stride-2 conv + max-pool; ``cifar``: 3x3 stride-1 conv, no pool (see the module docstring)."""
     imagenet_weights: str | None = None
     """A local torchvision ImageNet state dict for the ``imagenet`` initialisation; None downloads it."""
+    conv3d: Literal["3d", "2.5d", "acs"] = "3d"
+    """Convolutions of 3D backbones: 3D, 2.5D (2D on slices) or ACS (see ``ResNet3d``)."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -82,6 +84,12 @@ class SmallMapConv2d(nn.Conv2d):
             return super().forward(x)
         oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
         ow = (w + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
+        (ph, pw), (kh, kw) = self.padding, self.kernel_size
+        if (oh, ow) == (1, 1) and self.dilation == (1, 1) and kh - 1 - ph >= h - 1 and kw - 1 - pw >= w - 1:
+            # One output pixel whose window holds the whole input: the taps over padding multiply
+            # zeros, so the convolution is a linear layer on the taps over the input.
+            weight = self.weight[:, :, ph:ph + h, pw:pw + w].reshape(self.out_channels, -1)
+            return F.linear(x.reshape(x.shape[0], -1), weight, self.bias).view(x.shape[0], -1, 1, 1)
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (N, C*kh*kw, oh*ow)
         out = self.weight.reshape(self.out_channels, -1) @ cols
         if self.bias is not None:
@@ -89,11 +97,93 @@ class SmallMapConv2d(nn.Conv2d):
         return out.view(x.shape[0], self.out_channels, oh, ow)
 
 
+def small_map_conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     stride: tuple[int, int, int], padding: tuple[int, int, int]) -> torch.Tensor:
+    """A 3D convolution (no dilation, one group) as a matrix product: im2col with ``Tensor.unfold``.
+
+    A single output voxel whose window holds the whole input is a linear layer on the taps over
+    the input (the taps over padding multiply zeros).
+    """
+    k = weight.shape[2:]
+    dhw = x.shape[2:]
+    out_size = [(n + 2 * pi - ki) // si + 1 for n, pi, ki, si in zip(dhw, padding, k, stride)]
+    n, c = x.shape[:2]
+    if out_size == [1, 1, 1] and all(ki - 1 - pi >= m - 1 for m, pi, ki in zip(dhw, padding, k)):
+        taps = weight[:, :, padding[0]:padding[0] + dhw[0], padding[1]:padding[1] + dhw[1],
+                      padding[2]:padding[2] + dhw[2]]
+        return F.linear(x.reshape(n, -1), taps.reshape(weight.shape[0], -1), bias).view(n, -1, 1, 1, 1)
+    padded = F.pad(x, (padding[2], padding[2], padding[1], padding[1], padding[0], padding[0]))
+    windows = padded.unfold(2, k[0], stride[0]).unfold(3, k[1], stride[1]).unfold(4, k[2], stride[2])
+    cols = windows.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(n, c * k[0] * k[1] * k[2], -1)
+    out = weight.reshape(weight.shape[0], -1) @ cols
+    if bias is not None:
+        out = out + bias.view(-1, 1)
+    return out.view(n, weight.shape[0], *out_size)
+
+
+def _small(x: torch.Tensor, in_channels: int) -> bool:
+    """Whether a map is small enough for the matrix-product path: CPU, ``in_channels >= 32 * voxels``."""
+    return x.device.type == "cpu" and in_channels >= 32 * math.prod(x.shape[2:])
+
+
+class SmallMapConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that computes convolutions over small volumes as one matrix product on the CPU.
+
+    The 3D twin of ``SmallMapConv2d``: at 28^3 a 3D ResNet-18's last layers see 2^3 and 1^3
+    maps with 256-512 channels, where oneDNN's backward pass takes 74 ms per 3x3x3 conv on a
+    1^3 map for 10 volumes (``small_map_conv3d`` instead).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups != 1 or self.padding_mode != "zeros" or self.dilation != (1, 1, 1) or not _small(x, self.in_channels):
+            return super().forward(x)
+        return small_map_conv3d(x, self.weight, self.bias, self.stride, self.padding)
+
+
+class ACSConv3d(nn.Module):
+    """ACS convolution (Yang et al., IEEE JBHI 2021): a 2D kernel applied to a volume in three views.
+
+    The output channels are split in three near-equal groups; the first group's (k, k) kernels
+    convolve axial planes (kernel (1, k, k)), the second coronal (k, 1, k), the third sagittal
+    (k, k, 1). The weight keeps the 2D shape (out, in, k, k), so 2D weights load unchanged.
+    "Same" padding (p = (k - 1) / 2) keeps the three views' outputs the same shape.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 bias: bool = False) -> None:
+        super().__init__()
+        if 2 * padding != kernel_size - 1:
+            raise ValueError(f"ACS convolution needs 'same' padding (k - 1) / 2; got k={kernel_size}, p={padding}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        third = out_channels // 3
+        self.split = (out_channels - 2 * third, third, third) if out_channels % 3 != 2 else (third + 1, third + 1, third)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, p, s = self.kernel_size, self.padding, (self.stride,) * 3
+        a, c, _ = self.split
+        views = ((self.weight[:a].unsqueeze(2), (0, p, p)), (self.weight[a:a + c].unsqueeze(3), (p, 0, p)),
+                 (self.weight[a + c:].unsqueeze(4), (p, p, 0)))
+        small = _small(x, self.in_channels)
+        out = torch.cat([small_map_conv3d(x, w, None, s, pad) if small else F.conv3d(x, w, None, s, pad)
+                         for w, pad in views if len(w)], dim=1)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, split={self.split}")
+
+
 def use_small_map_convs(model: nn.Module) -> nn.Module:
-    """Turn every plain ``nn.Conv2d`` of ``model`` into a ``SmallMapConv2d`` (same parameters)."""
+    """Turn every plain ``nn.Conv2d``/``nn.Conv3d`` of ``model`` into its small-map twin (same parameters)."""
     for m in model.modules():
         if type(m) is nn.Conv2d:
             m.__class__ = SmallMapConv2d
+        elif type(m) is nn.Conv3d:
+            m.__class__ = SmallMapConv3d
     return model
 
 
@@ -129,81 +219,72 @@ class ResNet2d(ResNet):
         return super().forward(x)
 
 
-class BasicBlock3d(nn.Module):
-    """ResNet basic block with 3x3x3 convolutions (two conv-BN layers plus a shortcut)."""
-
-    expansion = 1
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv3d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv3d(planes, planes, 3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(
-                nn.Conv3d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm3d(planes)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+Conv3dKind = Literal["3d", "2.5d", "acs"]
+CONV3D_KINDS = ("3d", "2.5d", "acs")
 
 
-class ResNet3d(nn.Module):
-    """3D ResNet-18 (layers [2, 2, 2, 2], widths 64/128/256/512) for grey volumes.
+def _to_3d(module: nn.Module, kind: Conv3dKind) -> nn.Module:
+    """The 3D counterpart of one 2D layer of a torchvision ResNet (MedMNIST v2's 3D baselines)."""
+    if isinstance(module, nn.Conv2d):
+        (k, _), (s, _), (p, _) = module.kernel_size, module.stride, module.padding
+        bias = module.bias is not None
+        if kind == "acs" and k > 1:
+            return ACSConv3d(module.in_channels, module.out_channels, k, s, p, bias)
+        if kind == "2.5d" or (kind == "acs" and k == 1):
+            conv = SmallMapConv3d(module.in_channels, module.out_channels, (1, k, k), s, (0, p, p), bias=bias)
+        else:
+            conv = SmallMapConv3d(module.in_channels, module.out_channels, k, s, p, bias=bias)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        return conv
+    if isinstance(module, nn.BatchNorm2d):
+        return nn.BatchNorm3d(module.num_features)
+    if isinstance(module, nn.MaxPool2d):
+        return nn.MaxPool3d(module.kernel_size, module.stride, module.padding)
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return nn.AdaptiveAvgPool3d(1)
+    return module
 
-    Input: float volumes in [0, 1] shaped (B, 1, D, H, W). Output: features (B, 512).
-    The cifar stem runs layer1 at full resolution: fine at 28^3, costly at 64^3.
-    Module names follow torchvision's ResNet (conv1, bn1, layer1..4).
+
+class ResNet3d(ResNet):
+    """A torchvision ResNet-18/50 turned 3D layer by layer, for grey volumes.
+
+    ``conv``: ``3d`` (k x k x k convolutions), ``2.5d`` (1 x k x k: 2D convolutions on the
+    slices, as ACSConv's Conv2_5d) or ``acs`` (ACS convolutions, see ``ACSConv3d``); strides
+    apply to every axis and pools are 3D, as in MedMNIST v2's 3D baselines. Input: float
+    volumes in [0, 1] shaped (B, 1, D, H, W), no normalisation. Output: features (B, out_features).
+    Module and state-dict names follow torchvision's ResNet.
     """
 
-    def __init__(self, stem: str = "cifar") -> None:
-        super().__init__()
-        self.arch = "resnet18"
-        self.stem = stem
+    def __init__(self, arch: str = "resnet18", stem: str = "cifar", conv: Conv3dKind = "3d") -> None:
+        block, layers = _RESNET_2D[arch]
+        super().__init__(block, layers)
+        self.arch, self.stem, self.conv = arch, stem, conv
+        self.out_features: int = self.fc.in_features
+        self.fc = nn.Identity()
+        self.conv1 = (nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False) if stem == "cifar"
+                      else nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False))
         if stem == "cifar":
-            self.conv1 = nn.Conv3d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            self.maxpool: nn.Module = nn.Identity()
-        else:
-            self.conv1 = nn.Conv3d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm3d(64)
-        self.relu = nn.ReLU(inplace=True)
-        widths, strides = (64, 128, 256, 512), (1, 2, 2, 2)
-        in_planes = 64
-        for i, (width, stride) in enumerate(zip(widths, strides), start=1):
-            layer = nn.Sequential(BasicBlock3d(in_planes, width, stride), BasicBlock3d(width, width, 1))
-            setattr(self, f"layer{i}", layer)
-            in_planes = width
-        self.avgpool = nn.AdaptiveAvgPool3d(1)
-        self.out_features: int = 512
-        for m in self.modules():
-            if isinstance(m, nn.Conv3d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            self.maxpool = nn.Identity()
+        for parent in list(self.modules()):
+            for name, child in parent.named_children():
+                converted = _to_3d(child, conv)
+                if converted is not child:
+                    setattr(parent, name, converted)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"3D backbone expects (B, 1, D, H, W) volumes, got shape {tuple(x.shape)}")
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
+        return super().forward(x)
 
 
 def build_backbone(
-    arch: str = "resnet18", dims: int = 2, stem: str = "cifar", weights: WeightsArg = None
+    arch: str = "resnet18", dims: int = 2, stem: str = "cifar", weights: WeightsArg = None, conv3d: Conv3dKind = "3d"
 ) -> nn.Module:
     """A ResNet feature extractor: (B, C, H, W) or (B, 1, D, H, W) in [0, 1] -> (B, out_features).
 
-    arch: "resnet18" or "resnet50" (2D); "resnet18" only for 3D.
+    arch: "resnet18" or "resnet50".
     dims: 2 or 3.
+    conv3d: for 3D, "3d", "2.5d" or "acs" convolutions (see ``ResNet3d``).
     stem: "cifar" (3x3 stride-1 conv, no max-pool; for 28px) or "imagenet" (7x7 stride-2 conv
         + max-pool; for 128-224px).
     weights: None (random init), "imagenet" (torchvision ImageNet weights, downloaded into the
@@ -224,7 +305,9 @@ def build_backbone(
     if imagenet and dims == 3:
         raise MethodError("there are no ImageNet weights for 3D backbones; use weights=None or a local file")
 
-    model: nn.Module = ResNet2d(arch, stem) if dims == 2 else ResNet3d(stem)
+    if conv3d not in CONV3D_KINDS:
+        raise ConfigError(f"conv3d must be one of {CONV3D_KINDS}, got {conv3d!r}")
+    model: nn.Module = ResNet2d(arch, stem) if dims == 2 else ResNet3d(arch, stem, conv3d)
     if weights is None:
         return model
     if imagenet:

@@ -36,8 +36,9 @@ from .base import Initialisation, InitContext
 def random_backbone(context: InitContext, weights: str | None = None) -> nn.Module:
     """The experiment's backbone (arch and stem from ``context.model``), seeded by ``context.seed``."""
     torch.manual_seed(context.seed)
-    arch = context.model.arch if context.dims == 2 else "resnet18"
-    return build_backbone(arch, dims=context.dims, stem=context.model.stem, weights=weights).to(context.device)
+    model = context.model
+    return build_backbone(model.arch, dims=context.dims, stem=model.stem, weights=weights,
+                          conv3d=model.conv3d).to(context.device)
 
 
 @dataclass

@@ -144,11 +144,13 @@ class KNN(Settings, FrozenFeatureRule):
     name: ClassVar[str] = "knn"
     k: int = setting(5, min=1)
     metric: Metric = "euclidean"
+    weights: Literal["distance", "uniform"] = "distance"
+    """``uniform``: every neighbour's vote counts the same (scikit-learn's default, MedMNIST+'s code)."""
 
     def scores(self, support: Tensor, support_y: Tensor, query: Tensor, episode: Episode) -> Tensor:
         d = distances(query, support, self.metric)
         nearest, idx = d.topk(min(self.k, len(support)), dim=1, largest=False)
-        w = 1.0 / (nearest + 1e-8)
+        w = 1.0 / (nearest + 1e-8) if self.weights == "distance" else torch.ones_like(nearest)
         total = w.sum(dim=1, keepdim=True)
         if episode.task_type.multilabel:
             return _logit((w.unsqueeze(2) * support_y[idx].to(w.dtype)).sum(dim=1) / total)

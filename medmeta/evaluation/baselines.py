@@ -1,0 +1,247 @@
+"""Supervised baselines (MedMNIST v2 and MedMNIST+), reproduced on whatever data is present.
+
+Per dataset and seed, each scheme trains on the train split, selects on val and scores test:
+
+* 2D: ``end2end`` (the whole network, ``learning.supervised``), ``linear`` (a linear probe on
+  frozen features: the ``linear`` adaptation rule with the training split as its support set),
+  ``knn`` (the ``knn`` rule; MedMNIST+'s k = 11, Euclidean distance on unnormalised features,
+  uniform votes, as their released code), ``pixels`` (``learning.pixels``, the auto-sklearn stand-in);
+* 3D: ``end2end`` with each of ``convs`` (2.5D, 3D, ACS; ``learning.models.ResNet3d``) and ``pixels``.
+
+Frozen features come from the initialisation's backbone (ImageNet weights when
+``model.imagenet_weights`` names a file, else random: offline machines have no ImageNet
+weights, which MedMNIST+'s linear probe and k-NN assume), with BatchNorm statistics
+re-estimated on training batches, as every frozen-feature rule here does.
+
+``input_size`` feeds small images to a larger network input as MedMNIST+ does (``pad``: zero
+padding after normalisation; ``bilinear``: resizing). Each run is cached under
+``out/<dataset>/<scheme>/seed<k>/`` (end-to-end training checkpoints every epoch and resumes),
+and the combined table (``baselines.json``, ``.csv``, ``.md``) gives mean +- std over seeds next
+to the published figures of ``experiments/configs/published_baselines.yaml``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+from ..data.manifest import Manifest
+from ..data.store import Store
+from ..data.tasks import MedMNISTTask
+from ..data.transforms import PadTo, ResizeTo
+from ..episodes import Episode
+from ..errors import ConfigError
+from ..files import write_text_atomic
+from ..learning.models import Classifier, ModelConfig, build_backbone, reestimate_batchnorm
+from ..learning.pixels import pixel_baseline
+from ..learning.runtime import predict, resolve_device, to_device
+from ..learning.supervised import SupervisedConfig, train_supervised
+from ..methods import KNN, LinearProbe
+from ..settings import Settings, setting
+from .protocol import stable_hash
+from .results import package_versions, write_csv
+
+Scheme = Literal["end2end", "linear", "knn", "pixels"]
+Conv = Literal["3d", "2.5d", "acs"]
+
+
+@dataclass
+class BaselineConfig(Settings):
+    """What ``experiments/supervised.py`` runs (see the module docstring)."""
+
+    datasets: list[str] = field(default_factory=lambda: ["breast"])
+    """Subsets, or ["all"] for every subset present at ``size`` (3D subsets at 28 or 64)."""
+    size: Literal[28, 64, 128, 224] = 28
+    seeds: list[int] = field(default_factory=lambda: [0])
+    schemes: list[Scheme] = field(default_factory=lambda: ["end2end", "linear", "knn", "pixels"])
+    convs: list[Conv] = field(default_factory=lambda: ["2.5d", "3d", "acs"])
+    """3D subsets: the convolutions of the end-to-end ResNets."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input_size: int | None = setting(None, min=28)
+    resize: Literal["pad", "bilinear"] = "pad"
+    train: SupervisedConfig = field(default_factory=SupervisedConfig)
+    linear: LinearProbe = field(default_factory=lambda: LinearProbe(max_iter=500))
+    knn: KNN = field(default_factory=lambda: KNN(k=11, weights="uniform"))
+    bn_batches: int = setting(20, min=1)
+    """Training batches that give frozen features their BatchNorm statistics."""
+    device: str = "auto"
+
+
+def _published(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def runs_for(config: BaselineConfig, dims: int) -> list[tuple[str, Conv | None]]:
+    """(scheme, conv) pairs for a subset of ``dims`` dimensions."""
+    if dims == 2:
+        return [(s, None) for s in config.schemes]
+    out: list[tuple[str, Conv | None]] = [("end2end", c) for c in config.convs] if "end2end" in config.schemes else []
+    return out + ([("pixels", None)] if "pixels" in config.schemes else [])
+
+
+def _label(scheme: str, conv: str | None) -> str:
+    return scheme if conv is None else f"{scheme}-{conv}"
+
+
+class Baselines:
+    """Every (dataset, seed, scheme) run of a ``BaselineConfig`` under ``out``."""
+
+    def __init__(self, config: BaselineConfig, out: Path, root: str | None = None, source_dir: str | None = None,
+                 manifest: Manifest | None = None, published: Path | None = None) -> None:
+        self.config, self.out, self.source_dir = config, Path(out), source_dir
+        self.store = Store(root, manifest)
+        self.device = resolve_device(config.device)
+        self.published = _published(published) if published else {}
+        names = config.datasets
+        if names == ["all"]:
+            built = {s for s, z in self.store.built() if z == config.size}
+            names = [n for n, info in self.store.manifest.subsets.items() if config.size in info.files and (
+                n in built or (source_dir and (Path(source_dir) / info.file(config.size).file).is_file()))]
+            if not names:
+                raise ConfigError(f"--dataset all: no subset is present at {config.size}px")
+        self.datasets = [self.store.manifest.resolve(n) for n in names]
+        for name in self.datasets:
+            self.store.manifest[name].file(config.size)
+
+    def transform(self) -> Any:
+        size = self.config.input_size
+        if size is None:
+            return None
+        return PadTo(size) if self.config.resize == "pad" else ResizeTo(size)
+
+    def run(self) -> dict[str, Any]:
+        for name in self.datasets:
+            self.store.build(name, self.config.size, source_dir=self.source_dir)
+        rows = []
+        for name in self.datasets:
+            dims = self.store.manifest[name].dims
+            for scheme, conv in runs_for(self.config, dims):
+                for seed in self.config.seeds:
+                    rows.append(self.run_one(name, scheme, conv, seed))
+        table = self.combine(rows)
+        combined = {"config": self.config.to_dict(), "versions": package_versions(), "device": str(self.device),
+                    "runs": rows, "table": table}
+        write_text_atomic(self.out / "baselines.json", json.dumps(combined, indent=2, default=str))
+        write_csv(self.out / "baselines.csv", table, list(table[0]) if table else [])
+        write_text_atomic(self.out / "baselines.md", markdown(table) + "\n")
+        print(markdown(table))
+        return combined
+
+    def split(self, name: str, split: str, with_transform: bool = True) -> MedMNISTTask:
+        return MedMNISTTask(self.store, name, split, size=self.config.size,
+                            transform=self.transform() if with_transform else None)
+
+    def run_one(self, name: str, scheme: str, conv: str | None, seed: int) -> dict[str, Any]:
+        """One run, from its cache when the settings it depends on are unchanged."""
+        c = self.config
+        folder = self.out / self.store.manifest[name].short_name / _label(scheme, conv) / f"seed{seed}"
+        parts = {"scheme": scheme, "conv": conv, "seed": seed, "size": c.size, "model": c.model.to_dict(),
+                 "input_size": c.input_size, "resize": c.resize,
+                 **({"train": c.train.to_dict()} if scheme == "end2end" else {}),
+                 **({"rule": getattr(c, scheme).to_dict(), "bn_batches": c.bn_batches} if scheme in ("linear", "knn")
+                    else {})}
+        key = stable_hash(parts)
+        cache = folder / "result.json"
+        if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+            return json.loads(cache.read_text())["result"]
+        start = time.perf_counter()
+        if scheme == "pixels":
+            result = pixel_baseline(*(self.split(name, s, with_transform=False) for s in ("train", "val", "test")), seed=seed)
+        elif scheme == "end2end":
+            result = self.end2end(name, conv, seed, folder)
+        else:
+            result = self.frozen(name, scheme, seed)
+        result = {"dataset": name, "scheme": _label(scheme, conv), "seed": seed,
+                  "seconds": time.perf_counter() - start, **result}
+        write_text_atomic(cache, json.dumps({"key": key, "result": result}, default=str))
+        return result
+
+    def backbone(self, dims: int, conv: str | None, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        m = self.config.model
+        return build_backbone(m.arch, dims=dims, stem=m.stem, weights=m.imagenet_weights, conv3d=conv or "3d")
+
+    def end2end(self, name: str, conv: str | None, seed: int, folder: Path) -> dict[str, Any]:
+        train, val, test = (self.split(name, s) for s in ("train", "val", "test"))
+        model = Classifier(self.backbone(train.task.dims, conv, seed), train.task.num_outputs)
+        with SummaryWriter(folder / "tensorboard") as writer:
+            best = train_supervised(model, train, val, self.config.train, self.device, seed=seed,
+                                    checkpoint=folder / "checkpoint.pt", writer=writer)
+        model.eval()
+        logits, labels = predict(model, test, self.device)
+        scores = test.task.task_type.evaluate(labels, logits)
+        return {"test_auroc": scores["auroc"], "test_acc": scores["acc"], "best_epoch": best["epoch"],
+                "epochs_run": len(best["history"]), "val_auroc": best["val_auroc"], "val_acc": best["val_acc"],
+                "train_seconds": best["seconds"], "data_share": best["data_share"]}
+
+    @torch.no_grad()
+    def features(self, backbone: torch.nn.Module, ds: MedMNISTTask, batch: int = 256) -> torch.Tensor:
+        out = []
+        for start in range(0, len(ds), batch):
+            x, _ = to_device(*ds.get_batch(np.arange(start, min(start + batch, len(ds)))), self.device)
+            out.append(backbone(x))
+        return torch.cat(out)
+
+    def frozen(self, name: str, scheme: str, seed: int) -> dict[str, Any]:
+        """A frozen-feature rule with the whole training split as its support set."""
+        train, val, test = (self.split(name, s) for s in ("train", "val", "test"))
+        backbone = self.backbone(train.task.dims, None, seed).to(self.device)
+        order = np.random.default_rng(seed).permutation(len(train))[:self.config.bn_batches * 256]
+        reestimate_batchnorm(backbone, (to_device(*train.get_batch(np.sort(order[i:i + 256])), self.device)[0]
+                                        for i in range(0, len(order), 256)))
+        backbone.eval()
+        task_type = train.task.task_type
+        stub = Episode(torch.empty(0), torch.empty(0), torch.empty(0), None, task_type,
+                       tuple(range(train.task.num_classes if not task_type.binary else 2)))
+        support = self.features(backbone, train)
+        support_y = train.label_tensor(np.arange(len(train))).to(self.device)
+        rule: LinearProbe | KNN = getattr(self.config, scheme)
+        if isinstance(rule, LinearProbe):
+            head = rule.head(support, support_y, stub)  # fitted once, on the whole training split
+
+            def score(query: torch.Tensor) -> torch.Tensor:
+                return torch.nn.functional.linear(query, head["weight"], head["bias"])
+        else:
+            def score(query: torch.Tensor) -> torch.Tensor:  # queries in blocks: distances stay small
+                return torch.cat([rule.scores(support, support_y, query[i:i + 1024], stub)
+                                  for i in range(0, len(query), 1024)])
+        out = {}
+        for split_name, ds in (("val", val), ("test", test)):
+            result = task_type.evaluate(ds.labels, score(self.features(backbone, ds)).cpu())
+            out[f"{split_name}_auroc"], out[f"{split_name}_acc"] = result["auroc"], result["acc"]
+        return out
+
+    def combine(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault((r["dataset"], r["scheme"]), []).append(r)
+        table = []
+        for (dataset, scheme), rs in groups.items():
+            auc, acc = [r["test_auroc"] for r in rs], [r["test_acc"] for r in rs]
+            row = {"dataset": dataset, "scheme": scheme, "seeds": len(rs),
+                   "test_auroc": float(np.mean(auc)), "test_auroc_std": float(np.std(auc, ddof=1)) if len(rs) > 1 else 0.0,
+                   "test_acc": float(np.mean(acc)), "test_acc_std": float(np.std(acc, ddof=1)) if len(rs) > 1 else 0.0,
+                   "seconds": float(np.mean([r["seconds"] for r in rs]))}
+            v2 = self.published.get("medmnist_v2_resnet18_28", {}).get(dataset)
+            plus = self.published.get("medmnist_plus_resnet18_end2end", {}).get(dataset, {})
+            row["v2_resnet18_28_auroc_acc"] = "/".join(f"{x:.3f}" for x in v2) if v2 and scheme == "end2end" else ""
+            row["plus_resnet18_28_acc_auroc"] = "/".join(f"{x:.2f}" for x in plus.get(28, [])) if scheme == "end2end" else ""
+            table.append(row)
+        return table
+
+
+def markdown(table: list[dict[str, Any]]) -> str:
+    lines = ["| dataset | scheme | seeds | test AUROC | test ACC | MedMNIST v2 ResNet-18 (28) AUC/ACC | "
+             "MedMNIST+ ResNet-18 e2e (28) ACC/AUC x100 | s/run |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in table:
+        lines.append(f"| {r['dataset']} | {r['scheme']} | {r['seeds']} | {r['test_auroc']:.3f} ± {r['test_auroc_std']:.3f} "
+                     f"| {r['test_acc']:.3f} ± {r['test_acc_std']:.3f} | {r['v2_resnet18_28_auroc_acc'] or '-'} | "
+                     f"{r['plus_resnet18_28_acc_auroc'] or '-'} | {r['seconds']:.0f} |")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""Supervised baselines on synthetic subsets: every scheme, the 3D convolutions, the pixel
+search, MedMNIST+'s padding, resume of interrupted training, the combined table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medmeta.data.store import Store
+from medmeta.data.tasks import MedMNISTTask
+from medmeta.data.transforms import IMAGENET_MEAN, PadTo, ResizeTo
+from medmeta.evaluation.baselines import BaselineConfig, Baselines
+from medmeta.learning.models import Classifier, build_backbone
+from medmeta.learning.pixels import pixel_baseline
+from medmeta.learning.supervised import SupervisedConfig, SupervisedTrainer
+from medmeta.settings import from_mapping
+
+from .conftest import Synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path: Path, synthetic: Synthetic) -> Store:
+    store = Store(tmp_path / "root", synthetic.manifest)
+    for name in ("toyclass", "toychest", "toyvolume"):
+        store.build(name, 28, source_dir=synthetic.source_dir)
+    return store
+
+
+def test_every_scheme_and_convolution_and_the_table(store: Store, synthetic: Synthetic, tmp_path: Path) -> None:
+    config = from_mapping(BaselineConfig, {"datasets": ["toyclass", "toyvolume"], "seeds": [0, 1], "device": "cpu",
+                                           "train": {"epochs": 2, "batch_size": 16}, "bn_batches": 1})
+    baselines = Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest,
+                          published=REPO / "experiments" / "configs" / "published_baselines.yaml")
+    combined = baselines.run()
+    schemes = [(r["dataset"], r["scheme"]) for r in combined["table"]]
+    assert schemes == [("toyclass", s) for s in ("end2end", "linear", "knn", "pixels")] + [
+        ("toyvolume", s) for s in ("end2end-2.5d", "end2end-3d", "end2end-acs", "pixels")]
+    for row in combined["table"]:
+        assert row["seeds"] == 2 and 0 <= row["test_auroc"] <= 1 and row["test_auroc_std"] >= 0
+    runs = [r for r in combined["runs"] if r["dataset"] == "toyclass" and r["scheme"] == "end2end"]
+    assert np.mean([r["test_auroc"] for r in runs]) == pytest.approx(combined["table"][0]["test_auroc"])
+    assert (tmp_path / "out" / "baselines.md").read_text().startswith("| dataset | scheme |")
+    # A second run reuses every finished run.
+    stamp = (tmp_path / "out" / "tclass" / "end2end" / "seed0" / "result.json").stat().st_mtime_ns
+    assert baselines.run()["table"] == combined["table"]
+    assert (tmp_path / "out" / "tclass" / "end2end" / "seed0" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_pixel_baseline_on_a_learnable_multilabel_task(store: Store) -> None:
+    train, val, test = (MedMNISTTask(store, "toychest", s) for s in ("train", "val", "test"))
+    result = pixel_baseline(train, val, test, seed=0)
+    assert result["model"] in result["val_auroc_by_model"] and len(result["val_auroc_by_model"]) == 4
+    assert 0 <= result["test_auroc"] <= 1 and 0 <= result["test_acc"] <= 1
+
+
+def test_supervised_training_resumes_exactly(store: Store, tmp_path: Path) -> None:
+    train, val = MedMNISTTask(store, "toyclass", "train"), MedMNISTTask(store, "toyclass", "val")
+    config = SupervisedConfig(epochs=4, batch_size=16, optimizer="adamw", lr=1e-3, schedule="cosine",
+                              select="val_loss", patience=10)
+
+    def trainer(ckpt: Path) -> SupervisedTrainer:
+        torch.manual_seed(0)
+        return SupervisedTrainer(Classifier(build_backbone(), 4), train, val, config, torch.device("cpu"), seed=3,
+                                 checkpoint=ckpt)
+
+    straight = trainer(tmp_path / "a.pt")
+    straight.run()
+
+    def crash(epoch: int) -> None:
+        if epoch == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        trainer(tmp_path / "b.pt").run(on_epoch=crash)
+    resumed = trainer(tmp_path / "b.pt")
+    assert resumed.epoch == 2
+    resumed.run()
+    assert [h["val_loss"] for h in resumed.history] == [h["val_loss"] for h in straight.history]
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="lr: 0.001 in the checkpoint, 0.01 now"):
+        SupervisedTrainer(Classifier(build_backbone(), 4), train, val, config.replace(lr=1e-2), torch.device("cpu"),
+                          seed=3, checkpoint=tmp_path / "b.pt")
+
+
+def test_medmnist_plus_padding_is_zero_after_normalisation() -> None:
+    grey = torch.rand(1, 28, 28)
+    padded = PadTo(224)(grey)
+    assert padded.shape == (3, 224, 224)
+    assert torch.equal(padded[:, 98:126, 98:126], grey.expand(3, -1, -1))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    assert torch.equal(padded[:, :98, :], mean.expand(3, 98, 224))
+    net = build_backbone(stem="imagenet")
+    normalised = (padded.unsqueeze(0) - net.mean) / net.std  # what the backbone does first
+    assert normalised[0, :, :98, :].abs().max() < 1e-6
+    assert ResizeTo(56)(grey).shape == (1, 56, 56)
+    with pytest.raises(ValueError, match="cannot pad a 28x28 image to 14"):
+        PadTo(14)(grey)
+
+
+def test_padded_inputs_train_end_to_end(store: Store, synthetic: Synthetic, tmp_path: Path) -> None:
+    config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "schemes": ["end2end", "knn"], "device": "cpu",
+                                           "input_size": 64, "train": {"epochs": 1, "batch_size": 16},
+                                           "bn_batches": 1})
+    combined = Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()
+    assert [r["scheme"] for r in combined["table"]] == ["end2end", "knn"]
+    saved = json.loads((tmp_path / "out" / "baselines.json").read_text())
+    assert saved["config"]["input_size"] == 64
