@@ -1,10 +1,13 @@
-"""Store benchmark: build throughput and random single-image reads, store vs npz.
+"""Store benchmark: build throughput and random single-image reads, store vs npz, and the
+cost of the store's Fletcher-32 checksums.
 
 The baseline is what a user does without medmeta: ``np.load(npz, mmap_mode="r")`` and index
 the array (numpy ignores mmap_mode for npz archives, so the whole split is decompressed into
 memory on first access). Both run in this process on the same synthetic subsets; peak
 resident memory is measured per phase by resetting the kernel's high-water mark
-(/proc/self/clear_refs) and reading VmHWM.
+(/proc/self/clear_refs) and reading VmHWM. The checksum cost compares random reads of the
+store file against a copy of it without the Fletcher-32 filter (same chunks, same LZF),
+alternating rounds, fastest kept.
 
     python benchmarks/store.py                      # 28px and 224px, default sizes
     python benchmarks/store.py --n224 4000 --reads 2000
@@ -17,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import yaml
 
@@ -91,12 +95,46 @@ def run(size: int, n: int, reads: int, work: Path) -> dict[str, float]:
     npz_s = time.perf_counter() - t
     npz_peak = status_mib("VmHWM") - base_rss
     del images
+    checked, plain = checksum_cost(store, size, work, order)
     total = n + 2 * max(1, n // 10)
     return {"size": size, "n_train": n, "raw_train_mib": raw_mib, "build_img_s": total / build_s,
+            "checked_reads_s": checked, "unchecked_reads_s": plain,
             "build_peak_mib": build_peak, "store_reads_s": reads / store_s, "npz_reads_s": reads / npz_s,
             "store_peak_mib": store_peak, "npz_peak_mib": npz_peak,
             "store_file_mib": store.path("bench", size).stat().st_size / 2**20,
             "npz_file_mib": npz.stat().st_size / 2**20}
+
+
+def without_checksums(src: Path, dst: Path) -> None:
+    """A copy of a store file whose datasets have the same chunks and compression, no Fletcher-32."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(src, "r") as fin, h5py.File(dst, "w") as fout:
+        fout.attrs.update(fin.attrs)
+
+        def copy(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset):
+                d = fout.create_dataset(name, data=obj[()], chunks=obj.chunks, compression=obj.compression)
+                d.attrs.update(obj.attrs)
+
+        fin.visititems(copy)
+
+
+def checksum_cost(store: Store, size: int, work: Path, order: np.ndarray, rounds: int = 3) -> tuple[float, float]:
+    """Random reads/s of the store file with and without its checksums (alternating, fastest of ``rounds``)."""
+    plain_store = Store(work / f"plain_{size}", store.manifest)
+    without_checksums(store.path("bench", size), plain_store.path("bench", size))
+    readers = {"checked": MedMNISTTask(store, "bench", "train", size=size, in_memory=False),
+               "plain": MedMNISTTask(plain_store, "bench", "train", size=size, in_memory=False)}
+    best = {k: 0.0 for k in readers}
+    for r in range(rounds):
+        for name in (["checked", "plain"] if r % 2 == 0 else ["plain", "checked"]):
+            ds = readers[name]
+            ds[0]
+            t = time.perf_counter()
+            for i in order:
+                ds[int(i)]
+            best[name] = max(best[name], len(order) / (time.perf_counter() - t))
+    return best["checked"], best["plain"]
 
 
 def main() -> None:
@@ -117,7 +155,9 @@ def main() -> None:
     print("ratio = store reads/s / npz reads/s (first access of an npz array decompresses the whole split);")
     print("peak = rise in resident memory during the phase; mem ratio = npz peak / store peak.")
     for r in rows:
-        print(f"{r['size']}px files: npz {r['npz_file_mib']:.0f} MiB, store {r['store_file_mib']:.0f} MiB")
+        print(f"{r['size']}px files: npz {r['npz_file_mib']:.0f} MiB, store {r['store_file_mib']:.0f} MiB; "
+              f"random reads with Fletcher-32 {r['checked_reads_s']:.0f}/s, without {r['unchecked_reads_s']:.0f}/s "
+              f"(checksums cost {1 - r['checked_reads_s'] / r['unchecked_reads_s']:+.1%} of read speed)")
 
 
 if __name__ == "__main__":

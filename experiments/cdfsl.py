@@ -28,12 +28,13 @@ from medmeta.errors import MedmetaError
 from medmeta.evaluation import Protocol, load_experiment_config
 from medmeta.evaluation.sweep import Sweep
 from medmeta.learning.runtime import configure_threads
-from medmeta.settings import set_dotted
+from medmeta.settings import nested
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def _list(text: str) -> list[str]:
+    """A comma-separated command-line value as a list (empty items kept: the config refuses them)."""
     return [t.strip() for t in text.split(",")]
 
 
@@ -92,16 +93,11 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The command-line flags as a nested config mapping (flags left out change nothing)."""
     sources = args.sources if args.sources in (None, "default", "available") else _list(args.sources)
     one_target = args.target if args.target and "," not in args.target and args.target != "all" else None
-    flat = {"target": one_target, "methods": args.methods, "reference": args.reference, "sources": sources,
-            "episodes.shots": args.shots, "episodes.count": args.episodes, "episodes.file": args.episodes_file,
-            "size": args.size, "seed": args.seed, "model.imagenet_weights": args.weights,
-            "checkpoint": args.checkpoint, "device": args.device, "slurm.partition": args.partition,
-            "slurm.gpus_per_node": args.gpus, "slurm.timeout_min": args.time, "slurm.mem_gb": args.mem}
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        if value is not None:
-            set_dotted(out, key, value)
-    return out
+    return nested({"target": one_target, "methods": args.methods, "reference": args.reference, "sources": sources,
+                   "episodes.shots": args.shots, "episodes.count": args.episodes, "episodes.file": args.episodes_file,
+                   "size": args.size, "seed": args.seed, "model.imagenet_weights": args.weights,
+                   "checkpoint": args.checkpoint, "device": args.device, "slurm.partition": args.partition,
+                   "slurm.gpus_per_node": args.gpus, "slurm.timeout_min": args.time, "slurm.mem_gb": args.mem})
 
 
 def main(argv: list[str] | None = None) -> dict | None:

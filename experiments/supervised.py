@@ -15,14 +15,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
 from medmeta.evaluation.baselines import BaselineConfig, Baselines
 from medmeta.learning.runtime import configure_threads
-from medmeta.settings import apply_sets, from_mapping, merge, read_profile, set_dotted
+from medmeta.settings import load_settings, nested
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -51,17 +50,12 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--out", help="output folder (default runs/supervised)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     args = parser.parse_args(argv)
-    flat = {"datasets": args.dataset, "seeds": args.seeds, "schemes": args.schemes, "convs": args.convs,
-            "size": args.size, "input_size": args.input_size, "resize": args.resize, "train.epochs": args.epochs,
-            "model.imagenet_weights": args.weights, "device": args.device}
-    overrides: dict[str, Any] = {}
-    for key, value in flat.items():
-        if value is not None:
-            set_dotted(overrides, key, value)
+    overrides = nested({"datasets": args.dataset, "seeds": args.seeds, "schemes": args.schemes, "convs": args.convs,
+                        "size": args.size, "input_size": args.input_size, "resize": args.resize,
+                        "train.epochs": args.epochs, "model.imagenet_weights": args.weights, "device": args.device})
     try:
         warning = configure_threads(args.threads)
-        data = merge(read_profile(args.config, CONFIGS) if args.config else {}, overrides)
-        config = from_mapping(BaselineConfig, apply_sets(data, args.set))
+        config = load_settings(BaselineConfig, args.config, CONFIGS, overrides, args.set)
         baselines = Baselines(config, Path(args.out or "runs/supervised"), root=args.root,
                               source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV),
                               manifest=load_manifest(args.manifest), published=CONFIGS / "published_baselines.yaml")

@@ -8,8 +8,7 @@ fine-tuning, mm-PT, MAML) -> ``methods`` (initialisation + adaptation rule) -> `
 
 ``import medmeta`` gives what other research code needs most.
 """
-__version__ = "0.2.0"
-
+from ._version import __version__  # noqa: E402,F401
 from .data import Manifest, MedMNISTTask, Store, TaskDescription, find_task, list_tasks, load_manifest  # noqa: E402
 from .episodes import (Episode, EpisodeSampler, EpisodeSet, EpisodeSpec, MultiTaskEpisodeSampler,  # noqa: E402
                        load_episode_set, save_episode_set)
@@ -18,7 +17,7 @@ from .evaluation import ExperimentConfig, load_experiment_config, run_protocol  
 from .methods import AdaptationRule, Initialisation, Method  # noqa: E402
 from .tasktype import TaskType  # noqa: E402
 
-__all__ = ["AdaptationRule", "Episode", "EpisodeSampler", "EpisodeSet", "EpisodeSpec", "ExperimentConfig",
+__all__ = ["__version__", "AdaptationRule", "Episode", "EpisodeSampler", "EpisodeSet", "EpisodeSpec", "ExperimentConfig",
            "Initialisation", "Manifest", "MedMNISTTask", "MedmetaError", "Method", "MultiTaskEpisodeSampler", "Store",
            "TaskDescription", "TaskType", "find_task", "list_tasks", "load_episode_set", "load_experiment_config",
            "load_manifest", "run_protocol", "save_episode_set"]

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+TIMEOUT_HOURS = 24
 
 
 def launched() -> bool:
@@ -39,7 +41,8 @@ def init(device_type: str = "cpu") -> None:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend)
+        # Ranks wait at barriers while rank 0 builds the store or waits for another job's training.
+        dist.init_process_group(backend, timeout=timedelta(hours=TIMEOUT_HOURS))
 
 
 def active() -> bool:
@@ -112,8 +115,8 @@ def batch_slice(n: int) -> slice:
     return slice(start, start + size + (1 if r < extra else 0))
 
 
-def run_on_main(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` on rank 0 only, then wait for it everywhere; returns rank 0's result on every rank."""
-    result = fn(*args, **kwargs) if is_main() else None
-    barrier()
-    return broadcast(result)
+def broadcast_module_(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's parameters and buffers, in place."""
+    if active():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)

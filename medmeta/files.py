@@ -3,9 +3,10 @@
 Every file medmeta writes (store files, episode sets, checkpoints, results) goes through
 ``atomic_path``, so a crash never leaves a half-written file where a finished one is expected:
 
-* Temporary names are ``.{name}.{pid}-{start}.tmp``, where ``start`` is the writing process's
-  start time: every writer first removes the temporary files in its folder whose process is
-  gone (a reused PID has another start time), so a killed write does not keep its disk space.
+* Temporary names are ``.{name}.{host}-{pid}-{start}.tmp``, where ``start`` is the writing
+  process's start time: every writer first removes the temporary files in its folder that this
+  host's processes left and that no longer run (a reused PID has another start time), so a
+  killed write does not keep its disk space; other hosts' files on a shared disk are left alone.
 * Given the bytes a write needs, the free space is checked first; a write that still runs out
   of space (``ENOSPC``, or torch's "enforce fail" on a full disk) becomes one ``DiskFullError``
   naming the path and the space needed, and its temporary file is removed.
@@ -17,13 +18,14 @@ import errno
 import os
 import re
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import DiskFullError, StoreError
 
-_TMP = re.compile(r"^\..+\.(?P<pid>\d+)-(?P<start>\d+)\.tmp$")
+_TMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-(?P<start>\d+)\.tmp$")
 FULL_DISK_MESSAGES = ("No space left on device", "enforce fail at inline_container", "unexpected pos")
 """How a full disk shows up in errors that carry no errno (h5py, torch.save's zip writer)."""
 
@@ -37,9 +39,13 @@ def _start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+
+
 def _owner(pid: int) -> str:
     start = _start_time(pid)
-    return f"{pid}-{start if start is not None else 0}"
+    return f"{_host()}-{pid}-{start if start is not None else 0}"
 
 
 def _alive(pid: int, start: int) -> bool:
@@ -55,11 +61,11 @@ def _alive(pid: int, start: int) -> bool:
 
 
 def sweep_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove the temporary files in ``folder`` left by writers that no longer run."""
-    removed = []
+    """Remove the temporary files in ``folder`` left by this host's writers that no longer run."""
+    removed, host = [], _host()
     for path in folder.glob(".*.tmp"):
         match = _TMP.match(path.name)
-        if match and not _alive(int(match["pid"]), int(match["start"])):
+        if match and match["host"] == host and not _alive(int(match["pid"]), int(match["start"])):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -234,3 +234,20 @@ def apply_sets(data: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
         set_dotted(out, key.strip(), value)
     return out
+
+
+def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys (``{"pretrain.steps": 5}``, e.g. command-line flags) as nested mappings; None values are left out."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if value is not None:
+            set_dotted(out, key, value)
+    return out
+
+
+def load_settings(cls: type[S], profile: str | Path | None = None, folder: Path | None = None,
+                  overrides: Mapping[str, Any] | None = None, sets: Iterable[str] = ()) -> S:
+    """``cls``'s defaults, merged with a YAML profile (path or name in ``folder``), then ``overrides``
+    (nested mapping) and ``--set KEY=VALUE`` strings; every value checked."""
+    data: dict[str, Any] = read_profile(profile, folder or Path.cwd()) if profile else {}
+    return from_mapping(cls, apply_sets(merge(data, overrides or {}), sets))

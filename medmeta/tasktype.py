@@ -75,6 +75,13 @@ class TaskType(str, Enum):
             return F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype))
         return F.cross_entropy(logits, y)
 
+    def logits_from_probabilities(self, p: torch.Tensor, clip: float = 1e-6) -> torch.Tensor:
+        """Scores that ``evaluate`` reads as these probabilities (shares, votes), clipped to
+        [clip, 1 - clip]: ``log p`` for multi-class and ordinal (the softmax gives ``p`` back when
+        rows sum to one), ``log(p / (1 - p))`` for binary and multi-label (the sigmoid does)."""
+        p = p.clamp(clip, 1 - clip)
+        return torch.log(p) if self.choose_classes else torch.log(p) - torch.log1p(-p)
+
     def evaluate(self, y_true: ArrayLike, logits: ArrayLike) -> dict[str, float]:
         """``{"auroc": ..., "acc": ...}`` with the evaluator semantics of the module docstring."""
         y, z = self._check(y_true, logits)

@@ -179,13 +179,15 @@ def test_episode_file_settings_replace_the_configs_and_say_so(store: Store, synt
 def test_stale_temporaries_are_swept_by_the_next_writer(tmp_path: Path) -> None:
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    dead = folder / ".checkpoint.pt.999999999-5.tmp"
-    reused = folder / f".checkpoint.pt.{os.getppid()}-1.tmp"  # a live PID with another start time: PID reuse
+    host = files._host()
+    dead = folder / f".checkpoint.pt.{host}-999999999-5.tmp"
+    reused = folder / f".checkpoint.pt.{host}-{os.getppid()}-1.tmp"  # a live PID with another start time: PID reuse
     mine = folder / f".other.pt.{files._owner(os.getpid())}.tmp"  # a write in progress in a live process
-    for p in (dead, reused, mine):
+    elsewhere = folder / ".other.pt.anotherhost-999999999-5.tmp"  # another node's write on a shared disk
+    for p in (dead, reused, mine, elsewhere):
         p.write_bytes(b"x" * 1000)
     files.write_text_atomic(folder / "results.json", "{}")
-    assert not dead.exists() and not reused.exists() and mine.exists()
+    assert not dead.exists() and not reused.exists() and mine.exists() and elsewhere.exists()
 
 
 def test_a_killed_checkpoint_write_leaves_no_temporary(tmp_path: Path) -> None:

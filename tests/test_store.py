@@ -163,7 +163,9 @@ def test_interrupted_build_leaves_nothing_visible(tmp_path: Path, synthetic: Syn
         store.build("toyclass", 28, source_dir=synthetic.source_dir)
     assert store.built() == [] and list(store.store_dir.iterdir()) == []
     # A temp file left by a process that died (a kill -9) is removed by the next build.
-    stale = store.store_dir / ".toyclass_28.h5.999999999-1.tmp"
+    from medmeta.files import _host
+
+    stale = store.store_dir / f".toyclass_28.h5.{_host()}-999999999-1.tmp"
     stale.write_bytes(b"partial")
     monkeypatch.setattr(Store, "_copy_array", staticmethod(original))
     store.build("toyclass", 28, source_dir=synthetic.source_dir)

@@ -29,7 +29,7 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..errors import StoreError
 from ..files import atomic_path, ensure_folder
 from .fetch import fetch, iter_npz_rows, npz_array_shape
@@ -115,6 +115,16 @@ class Store:
         """(subset, size) pairs with a finished store file, in manifest order."""
         return [(name, size) for name, info in self.manifest.subsets.items() for size in info.sizes
                 if (self.store_dir / f"{name}_{size}.h5").is_file()]
+
+    def present(self, subset: str, size: int, source_dir: str | Path | None = None) -> bool:
+        """Whether (subset, size) is here without a download: built, or its file in ``source_dir`` or
+        next to the user manifest that names it."""
+        info = self.manifest[subset]
+        if size not in info.files:
+            return False
+        if self.path(subset, size).is_file():
+            return True
+        return any((Path(f) / info.file(size).file).is_file() for f in (source_dir, info.home) if f)
 
     def is_built(self, subset: str, size: int) -> bool:
         """True when the file exists, was built from the file the manifest names in this format,

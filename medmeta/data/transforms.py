@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""The normalisation every 2D backbone applies inside ``forward`` (``learning.models``)."""
 
 
 class PadTo:

@@ -16,7 +16,7 @@ missing number drawn uniformly from its positives not yet chosen, then do the sa
 negatives. Then a removal pass, as MedIMeta's torchcross does: visit the chosen samples in
 random order and drop each one whose removal still leaves every label with at least K
 positives and K negatives (on ChestX-ray14-like prevalences this takes a 5-shot support from
-about 56 to about 44 images). The query repeats both steps with n_query, drawing only from
+about 56 to about 43 images; torchcross reports 44). The query repeats both steps with n_query, drawing only from
 samples outside the (pruned) support. Every random choice comes from the episode's generator,
 so episodes stay reproducible.
 Guarantees: every label ends with at least K positives and K negatives in the support
@@ -55,7 +55,7 @@ _MULTI_TASK_TAG = 0x6D756C74  # separates the multi-task generator from single-t
 NWay = Union[int, Literal["all"], None]
 
 
-def stable_hash(text: str) -> int:
+def crc32_of(text: str) -> int:
     """CRC32 of a string: identical in every process, unlike ``hash()``."""
     return zlib.crc32(text.encode("utf-8"))
 
@@ -358,7 +358,7 @@ class EpisodeSampler(_EpisodicSampler):
         self.dropped: tuple[str, ...] = self.plan.dropped
         """Names of the classes (labels) left out by ``min_class_samples``."""
         self.n_episodes, self.seed, self.epoch = int(n_episodes), int(seed), 0
-        self._key = (stable_hash(self.plan.task.task_id), stable_hash(self.plan.split))
+        self._key = (crc32_of(self.plan.task.task_id), crc32_of(self.plan.split))
         self._spec = _BlockCache(self._block)
 
     def _block(self, block: int) -> list[EpisodeSpec]:

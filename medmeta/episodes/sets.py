@@ -15,7 +15,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 from torch.utils.data import DataLoader
 
-from .. import __version__
+from .._version import __version__
 from ..errors import EpisodeError
 from ..files import atomic_path
 from .episode import Device, Episode, EpisodeSpec, frozen

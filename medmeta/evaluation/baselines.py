@@ -39,7 +39,7 @@ from ..data.transforms import PadTo, ResizeTo
 from ..episodes import Episode
 from ..errors import ConfigError
 from ..files import write_text_atomic
-from ..learning.models import Classifier, ModelConfig, build_backbone, reestimate_batchnorm
+from ..learning.models import Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
 from ..learning.pixels import pixel_baseline
 from ..learning.runtime import predict, resolve_device, to_device
 from ..learning.supervised import SupervisedConfig, train_supervised
@@ -49,7 +49,6 @@ from .protocol import stable_hash
 from .results import package_versions, write_csv
 
 Scheme = Literal["end2end", "linear", "knn", "pixels"]
-Conv = Literal["3d", "2.5d", "acs"]
 
 
 @dataclass
@@ -61,7 +60,7 @@ class BaselineConfig(Settings):
     size: Literal[28, 64, 128, 224] = 28
     seeds: list[int] = field(default_factory=lambda: [0])
     schemes: list[Scheme] = field(default_factory=lambda: ["end2end", "linear", "knn", "pixels"])
-    convs: list[Conv] = field(default_factory=lambda: ["2.5d", "3d", "acs"])
+    convs: list[Conv3dKind] = field(default_factory=lambda: ["2.5d", "3d", "acs"])
     """3D subsets: the convolutions of the end-to-end ResNets."""
     model: ModelConfig = field(default_factory=ModelConfig)
     input_size: int | None = setting(None, min=28)
@@ -78,11 +77,11 @@ def _published(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
-def runs_for(config: BaselineConfig, dims: int) -> list[tuple[str, Conv | None]]:
+def runs_for(config: BaselineConfig, dims: int) -> list[tuple[str, Conv3dKind | None]]:
     """(scheme, conv) pairs for a subset of ``dims`` dimensions."""
     if dims == 2:
         return [(s, None) for s in config.schemes]
-    out: list[tuple[str, Conv | None]] = [("end2end", c) for c in config.convs] if "end2end" in config.schemes else []
+    out: list[tuple[str, Conv3dKind | None]] = [("end2end", c) for c in config.convs] if "end2end" in config.schemes else []
     return out + ([("pixels", None)] if "pixels" in config.schemes else [])
 
 
@@ -101,14 +100,15 @@ class Baselines:
         self.published = _published(published) if published else {}
         names = config.datasets
         if names == ["all"]:
-            built = {s for s, z in self.store.built() if z == config.size}
-            names = [n for n, info in self.store.manifest.subsets.items() if config.size in info.files and (
-                n in built or (source_dir and (Path(source_dir) / info.file(config.size).file).is_file()))]
+            names = [n for n in self.store.manifest.subsets if self.store.present(n, config.size, source_dir)]
             if not names:
                 raise ConfigError(f"--dataset all: no subset is present at {config.size}px")
         self.datasets = [self.store.manifest.resolve(n) for n in names]
         for name in self.datasets:
             self.store.manifest[name].file(config.size)
+        if config.input_size is not None and config.input_size < config.size and config.resize == "pad":
+            raise ConfigError(f"config key input_size: cannot pad {config.size}px images to {config.input_size}; "
+                              "give a larger input_size or resize: bilinear")
 
     def transform(self) -> Any:
         size = self.config.input_size
@@ -173,9 +173,11 @@ class Baselines:
         model = Classifier(self.backbone(train.task.dims, conv, seed), train.task.num_outputs)
         with SummaryWriter(folder / "tensorboard") as writer:
             best = train_supervised(model, train, val, self.config.train, self.device, seed=seed,
-                                    checkpoint=folder / "checkpoint.pt", writer=writer)
+                                    checkpoint=folder / "checkpoint.pt", writer=writer,
+                                    context={"model": self.config.model.to_dict(), "conv3d": conv,
+                                             "input_size": self.config.input_size, "resize": self.config.resize})
         model.eval()
-        logits, labels = predict(model, test, self.device)
+        logits, labels = predict(model, test, self.device, precision=self.config.train.precision)
         scores = test.task.task_type.evaluate(labels, logits)
         return {"test_auroc": scores["auroc"], "test_acc": scores["acc"], "best_epoch": best["epoch"],
                 "epochs_run": len(best["history"]), "val_auroc": best["val_auroc"], "val_acc": best["val_acc"],

@@ -24,9 +24,9 @@ from ..errors import ConfigError, MethodError
 from ..learning.maml import MAMLConfig
 from ..learning.models import ModelConfig
 from ..learning.pretrain import PretrainConfig
-from ..methods import (INITIALISATIONS, KNN, LPFT, MMPT, AdaptationRule, Checkpoint, FineTune, ImageNet,
-                       Initialisation, LinearProbe, MAMLInit, MAMLInner, Method, Prototypes, Scratch)
-from ..settings import Settings, apply_sets, from_mapping, merge, read_profile, setting
+from ..methods import (KNN, LPFT, MMPT, AdaptationRule, Checkpoint, FineTune, ImageNet, Initialisation, LinearProbe,
+                       MAMLInit, MAMLInner, Method, Prototypes, Scratch)
+from ..settings import Settings, load_settings, setting
 
 BUILTIN_METHODS = {"scratch": ("scratch", "finetune"), "imagenet": ("imagenet", "finetune"),
                    "checkpoint": ("checkpoint", "finetune"), "mmpt": ("mmpt", "finetune"), "maml": ("maml", "inner")}
@@ -112,9 +112,7 @@ def load_experiment_config(profile: str | Path | None = None, folder: Path | Non
                            overrides: Mapping[str, Any] | None = None, sets: Iterable[str] = ()) -> ExperimentConfig:
     """The defaults, merged with a YAML profile (path or name in ``folder``), then ``overrides``
     (nested mapping, e.g. from command-line flags) and ``--set KEY=VALUE`` strings."""
-    data: dict[str, Any] = read_profile(profile, folder or Path.cwd()) if profile else {}
-    data = merge(data, overrides or {})
-    return from_mapping(ExperimentConfig, apply_sets(data, sets))
+    return load_settings(ExperimentConfig, profile, folder, overrides, sets)
 
 
 def _import(path: str) -> Any:
@@ -133,33 +131,28 @@ def _import(path: str) -> Any:
     return obj() if isinstance(obj, type) else obj
 
 
-def _init(name: str, config: ExperimentConfig) -> Initialisation:
-    if ":" in name:
-        obj = _import(name)
-        if not isinstance(obj, Initialisation):
-            raise MethodError(f"method part {name!r} is a {type(obj).__name__}, not an Initialisation")
-        return obj
-    builtins: dict[str, Initialisation] = {
-        "scratch": Scratch(), "imagenet": ImageNet(), "checkpoint": Checkpoint(config.checkpoint),
-        "mmpt": MMPT(config.pretrain), "maml": MAMLInit(config.maml)}
-    if name not in builtins:
-        raise MethodError(f"unknown initialisation {name!r}; built-in: {sorted(INITIALISATIONS)}, "
-                          "or package.module:ClassName")
-    return builtins[name]
+def builtin_initialisations(config: ExperimentConfig) -> dict[str, Initialisation]:
+    """The built-in initialisations by name, with this config's settings."""
+    return {"scratch": Scratch(), "imagenet": ImageNet(), "checkpoint": Checkpoint(config.checkpoint),
+            "mmpt": MMPT(config.pretrain), "maml": MAMLInit(config.maml)}
 
 
-def _rule(name: str, config: ExperimentConfig) -> AdaptationRule:
-    if ":" in name:
-        obj = _import(name)
-        if not isinstance(obj, AdaptationRule):
-            raise MethodError(f"method part {name!r} is a {type(obj).__name__}, not an AdaptationRule")
-        return obj
+def builtin_rules(config: ExperimentConfig) -> dict[str, AdaptationRule]:
+    """The built-in adaptation rules by name, with this config's settings."""
     a, m = config.adaptation, config.maml
-    builtins: dict[str, AdaptationRule] = {
-        "finetune": a.finetune, "linear": a.linear, "knn": a.knn, "proto": a.proto, "lpft": a.lpft,
-        "inner": MAMLInner(steps=m.test_steps, lr=m.inner_lr, bn_train=m.bn_train)}
+    return {"finetune": a.finetune, "linear": a.linear, "knn": a.knn, "proto": a.proto, "lpft": a.lpft,
+            "inner": MAMLInner(steps=m.test_steps, lr=m.inner_lr, bn_train=m.bn_train)}
+
+
+def _part(name: str, kind: type, builtins: dict[str, Any]) -> Any:
+    if ":" in name:
+        obj = _import(name)
+        if not isinstance(obj, kind):
+            raise MethodError(f"method part {name!r} is a {type(obj).__name__}, not an {kind.__name__}")
+        return obj
     if name not in builtins:
-        raise MethodError(f"unknown adaptation rule {name!r}; built-in: {sorted(builtins)}, or package.module:ClassName")
+        what = "initialisation" if kind is Initialisation else "adaptation rule"
+        raise MethodError(f"unknown {what} {name!r}; built-in: {sorted(builtins)}, or package.module:ClassName")
     return builtins[name]
 
 
@@ -167,8 +160,10 @@ def build_method(spec: str, config: ExperimentConfig) -> Method:
     """The ``Method`` a name stands for (see the module docstring)."""
     spec = spec.strip()
     parts = spec.split("+")
+    inits, rules = builtin_initialisations(config), builtin_rules(config)
     if len(parts) == 2:
-        return Method(_init(parts[0].strip(), config), _rule(parts[1].strip(), config), name=spec)
+        return Method(_part(parts[0].strip(), Initialisation, inits), _part(parts[1].strip(), AdaptationRule, rules),
+                      name=spec)
     if len(parts) != 1:
         raise MethodError(f"method {spec!r}: write a built-in name, init+rule or package.module:ClassName")
     if ":" in spec:
@@ -182,10 +177,9 @@ def build_method(spec: str, config: ExperimentConfig) -> Method:
                           "(used on scratch) or an init+rule pair")
     if spec not in BUILTIN_METHODS:
         raise MethodError(f"unknown method {spec!r}; built-in: {sorted(BUILTIN_METHODS)}, an init+rule pair "
-                          f"(initialisations {sorted(INITIALISATIONS)}, rules finetune, linear, knn, proto, lpft, "
-                          "inner) or package.module:ClassName")
+                          f"(initialisations {sorted(inits)}, rules {sorted(rules)}) or package.module:ClassName")
     init, rule = BUILTIN_METHODS[spec]
-    return Method(_init(init, config), _rule(rule, config), name=spec)
+    return Method(inits[init], rules[rule], name=spec)
 
 
 def build_methods(config: ExperimentConfig) -> list[Method]:

@@ -71,14 +71,7 @@ def resolve_sources(store: Store, target: str, sources: str | list[str], source_
     if sources == "default":
         chosen = allowed
     elif sources == "available":
-        built = {s for s, z in store.built() if z == size}
-
-        def local(name: str) -> bool:
-            info = manifest[name]
-            folders = [Path(f) for f in (source_dir, info.home) if f]
-            return size in info.files and any((f / info.file(size).file).is_file() for f in folders)
-
-        chosen = [n for n in allowed if n in built or local(n)]
+        chosen = [n for n in allowed if store.present(n, size, source_dir)]
     else:
         chosen = [manifest.resolve(s) for s in sources]
         banned = [s for s in chosen if s not in allowed]
@@ -168,6 +161,9 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
                 if tuple(s.shape) != want:
                     raise MethodError(f"method {method.name} returned scores shaped {tuple(s.shape)} for episode "
                                       f"{e.index}; expected (n_query, num_outputs) = {want}")
+                if not torch.isfinite(s).all():
+                    raise MethodError(f"method {method.name} returned NaN or infinite scores for episode {e.index} "
+                                      "(a diverging fine-tune? try a lower learning rate)")
                 assert e.query_y is not None
                 per_episode.append({"episode": e.index, **e.task_type.evaluate(e.query_y.cpu(), s.float().cpu())})
             bar.update(len(batch))
@@ -202,7 +198,9 @@ class Protocol:
 
     def __init__(self, config: ExperimentConfig, out: Path, methods: Sequence[Method] | None = None,
                  root: str | Path | None = None, source_dir: str | None = None, manifest: Manifest | None = None,
-                 pretrained: Path | None = None) -> None:
+                 pretrained: Path | None = None, check_only: bool = False) -> None:
+        """``check_only``: validate the target, methods and sources without touching devices (a
+        sweep checks its jobs this way on a submit host that may have no GPU)."""
         self.store = Store(root, manifest)
         target = self.store.manifest.resolve(config.target)
         self.config = config.replace(target=target)
@@ -218,9 +216,11 @@ class Protocol:
         needs_sources = any(m.needs_sources for m in self.methods)
         self.sources = (resolve_sources(self.store, target, self.config.sources, source_dir, self.config.size)
                         if needs_sources else [])
+        self._backbones: dict[Path, tuple[nn.Module, float]] = {}
+        if check_only:
+            return
         self.device = resolve_device(self.config.device)
         distributed.init(self.device.type)
-        self._backbones: dict[Path, tuple[nn.Module, float]] = {}
 
     def build_store(self) -> None:
         """Build the target and the sources (rank 0 builds, the other ranks wait)."""
@@ -236,11 +236,20 @@ class Protocol:
         return Sources(split("train"), split("val"))
 
     def cache_key(self, method: Method, target: Target) -> str:
-        c = self.config
-        return stable_hash({"method": method.settings(), "model": c.model.to_dict(), "size": c.size, "seed": c.seed,
-                            "sources": self.sources if method.needs_sources else [],
-                            "episodes": [target.episodes.task_id, target.episodes.seed, target.episodes.sampler,
-                                         len(target.episodes), target.episodes.labels_crc32]})
+        """A hash of everything a method's result depends on. A set the protocol drew is a pure
+        function of its settings; a set from ``--episodes-file`` adds its indices; a weights file
+        adds its size and modification time."""
+        c, episodes = self.config, target.episodes
+        key: dict[str, Any] = {
+            "method": method.settings(), "model": c.model.to_dict(), "size": c.size, "seed": c.seed,
+            "sources": self.sources if method.needs_sources else [],
+            "episodes": [episodes.task_id, episodes.seed, episodes.sampler, len(episodes), episodes.labels_crc32]}
+        if c.episodes.file:
+            key["episode_indices"] = stable_hash([s.indices.tolist() for s in episodes])
+        files = [f for f in (c.model.imagenet_weights, c.checkpoint) if f and Path(f).is_file()]
+        if files:
+            key["files"] = [(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
+        return stable_hash(key)
 
     def backbone(self, method: Method, writer: SummaryWriter | None) -> tuple[nn.Module, float]:
         """The method's starting backbone and its training seconds (all sessions, if it resumed);
@@ -296,6 +305,7 @@ class Protocol:
         if main:
             plot_results(self.out, results)
             print(format_table(results))
+        distributed.barrier()  # every rank returns once the files are written
         return results
 
     def run_method(self, method: Method, target: Target, writer: SummaryWriter | None) -> dict[str, Any]:

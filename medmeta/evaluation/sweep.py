@@ -2,9 +2,10 @@
 
 A sweep is one job per (target, seed), each a ``Protocol`` run in ``out/<target>/seed<k>/``
 with its own leave-one-out sources; every job shares ``out/pretrained/``, so pretraining runs
-with identical sources, settings and seed train once (a lock makes concurrent jobs take
-turns). Nothing finished is redone: a job whose results list every method is skipped, and
-inside a job finished methods and training checkpoints are reused.
+with identical sources, settings and seed train once (a lock on each training folder makes
+concurrent jobs take turns). Nothing finished is redone: a job whose results were written
+under the same config is skipped, and inside a job finished methods and training checkpoints
+are reused.
 
 Launchers, all through existing engines: ``local`` runs the jobs one after another in this
 process; ``slurm`` submits them with submitit (one job per (target, seed), one process per GPU
@@ -54,24 +55,16 @@ class Job:
         return f"{self.target}/seed{self.seed}"
 
 
-def present_targets(manifest: Manifest, store: Store, size: int, source_dir: str | None) -> list[str]:
+def present_targets(store: Store, size: int, source_dir: str | None) -> list[str]:
     """Subsets whose data is here at ``size``: built in the store, in ``source_dir`` or next to their manifest."""
-    built = {s for s, z in store.built() if z == size}
-    out = []
-    for name, info in manifest.subsets.items():
-        if size not in info.files:
-            continue
-        folders = [Path(f) for f in (source_dir, info.home) if f]
-        if name in built or any((f / info.file(size).file).is_file() for f in folders):
-            out.append(name)
-    return out
+    return [name for name in store.manifest.subsets if store.present(name, size, source_dir)]
 
 
 def resolve_targets(targets: str | Sequence[str], manifest: Manifest, store: Store, size: int,
                     source_dir: str | None) -> list[str]:
     """``all`` (every subset present) or a list of names, as full subset names."""
     if targets == "all" or list(targets) == ["all"]:
-        found = present_targets(manifest, store, size, source_dir)
+        found = present_targets(store, size, source_dir)
         if not found:
             raise ConfigError(f"--target all: no subset is present at {size}px in the store or --source-dir; "
                               "prepare some with `medmeta prepare` or pass --source-dir")
@@ -93,7 +86,8 @@ def job_config(config: ExperimentConfig, target: str, seed: int, dims: int) -> E
 
 
 def job_done(job: Job, config: ExperimentConfig) -> bool:
-    """Whether the job's results list every one of its methods."""
+    """Whether the job's results were written under this very config (any change reruns the job,
+    which reuses whatever of it is still valid)."""
     path = job.out / "results.json"
     if not path.is_file():
         return False
@@ -101,7 +95,7 @@ def job_done(job: Job, config: ExperimentConfig) -> bool:
         results = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return set(config.methods) <= set(results.get("methods", {}))
+    return results.get("config") == config.to_dict() and set(config.methods) <= set(results.get("methods", {}))
 
 
 def run_job(config: dict[str, Any], out: str, pretrained: str, root: str | None, source_dir: str | None,
@@ -140,7 +134,8 @@ class Sweep:
         self.configs = {job: job_config(self.config, job.target, job.seed, self.manifest[job.target].dims)
                         for job in self.jobs}
         for job in self.jobs[::len(self.seeds)]:  # refuse a target without sources, a bad method... before any work
-            Protocol(self.configs[job], job.out, root=self.root, source_dir=self.source_dir, manifest=self.manifest)
+            Protocol(self.configs[job], job.out, root=self.root, source_dir=self.source_dir, manifest=self.manifest,
+                     check_only=True)
 
     def arguments(self, job: Job) -> tuple:
         return (self.configs[job].to_dict(), str(job.out), str(self.out / "pretrained"), self.root, self.source_dir,
@@ -221,25 +216,27 @@ class Sweep:
                     time.sleep(5 if launcher != "slurm" else 30)
         return True
 
-    def collect(self) -> dict[str, Any]:
-        """Read every job's results and write the combined table."""
+    def collect(self) -> dict[str, Any] | None:
+        """Read every job's results and write the combined table (rank 0 under torchrun; others get None)."""
+        if not distributed.is_main():
+            return None
         runs = {job: json.loads((job.out / "results.json").read_text()) for job in self.jobs}
-        table = combine(runs, self.config.reference)
+        table = combine(runs)
         combined = {"targets": self.targets, "seeds": self.seeds, "reference": self.config.reference,
+                    "shots": self.config.episodes.shots,
                     "config": self.config.to_dict(), "versions": package_versions(), "table": table,
                     "runs": {job.name: str(job.out / "results.json") for job in self.jobs}}
-        if distributed.is_main():
-            write_table(self.out, combined)
-            print(format_combined(combined))
+        write_table(self.out, combined)
+        print(format_combined(combined))
         return combined
 
 
-def combine(runs: dict[Job, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+def combine(runs: dict[Job, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (target, method): means over seeds of each seed's summary, and the spread across seeds."""
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for job, results in runs.items():
         for method, m in results["methods"].items():
-            rows.setdefault((job.target, method), []).append(m)
+            rows.setdefault((job.target, method), []).append({**m, "reference": results["reference"]})
     out = []
     for (target, method), ms in rows.items():
         row: dict[str, Any] = {"target": target, "method": method, "seeds": len(ms),
@@ -256,7 +253,7 @@ def combine(runs: dict[Job, dict[str, Any]], reference: str) -> list[dict[str, A
                 row[f"{metric}_diff"] = float(np.mean([p["mean"] for p in paired]))
                 row[f"{metric}_diff_ci95"] = float(np.mean([p["ci95"] for p in paired]))
                 row[f"{metric}_identical"] = all(p["identical"] for p in paired)
-        row["reference"] = reference
+        row["reference"] = ms[0]["reference"]
         out.append(row)
     return out
 
@@ -304,8 +301,8 @@ def write_table(out: Path, combined: dict[str, Any]) -> None:
 
 
 def plot_table(path: Path, combined: dict[str, Any]) -> None:
-    """Heatmap: targets x methods, coloured by the paired AUROC difference to the reference,
-    annotated with each cell's AUROC and difference."""
+    """Heatmap: targets x methods, coloured by the paired AUROC difference to each target's
+    reference, annotated with each cell's AUROC and difference."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,13 +326,14 @@ def plot_table(path: Path, combined: dict[str, Any]) -> None:
             if r is None:
                 ax.text(j, i, "-", ha="center", va="center", fontsize=8)
                 continue
-            d = "ref" if m == combined["reference"] else (
+            d = "ref" if m == r["reference"] else (
                 "same" if r.get("auroc_identical") else f"{r.get('auroc_diff', 0):+.3f}±{r.get('auroc_diff_ci95', 0):.3f}")
             ax.text(j, i, f"{r['auroc']:.3f}\n{d}", ha="center", va="center", fontsize=7)
     ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(targets)), targets, fontsize=8)
     fig.colorbar(image, ax=ax, label=f"Δ query AUROC vs {combined['reference']} (paired)")
-    ax.set_title("5-shot leave-one-out: query AUROC (cell) and paired difference (colour)", fontsize=9)
+    ax.set_title(f"{combined['shots']}-shot leave-one-out: query AUROC (cell) and paired difference (colour)",
+                 fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

@@ -39,8 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..episodes import Episode
-from ..tasktype import TaskType
-from .models import reestimate_batchnorm
+from .models import reestimate_batchnorm, train_mode
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
@@ -53,12 +52,8 @@ def feature_dim(backbone: nn.Module, example: Tensor) -> int:
     width = getattr(backbone, "out_features", None)
     if width is not None:
         return int(width)
-    was_training = backbone.training
-    backbone.eval()
-    with torch.no_grad():
-        width = backbone(example[:1]).shape[-1]
-    backbone.train(was_training)
-    return int(width)
+    with train_mode(backbone, False), torch.no_grad():
+        return int(backbone(example[:1]).shape[-1])
 
 
 def fresh_head(in_features: int, num_outputs: int, seed: int, device: torch.device | str = "cpu",
@@ -226,18 +221,12 @@ def _fine_tune_chunk(backbone: nn.Module, episodes: Sequence[Episode], steps: in
 
     step_fn = vmap(grad(support_loss, has_aux=True))
     opt = StackedAdam(params, lr)
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    try:
+    with train_mode(model, True):
         for _ in range(steps):
             grads, buffers = step_fn(params, buffers, sx, sy)
             opt.step(grads)
-        model.eval()
-        with torch.no_grad():
-            return list(vmap(predict)(params, buffers, qx))
-    finally:
-        for m, was in modes.items():
-            m.training = was
+    with train_mode(model, False), torch.no_grad():
+        return list(vmap(predict)(params, buffers, qx))
 
 
 def default_batched(device: torch.device) -> bool:

@@ -24,8 +24,7 @@ statistics (frozen; meaningful for a pretrained backbone only).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,22 +43,38 @@ from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from ..tasktype import TaskType
 from .finetune import feature_dim
-from .runtime import check_identity, checkpoint_identity
+from .models import train_mode
+from .runtime import check_identity, check_steps, checkpoint_identity
 
 Params = dict[str, Tensor]
 HEAD_KEYS = ("head.weight", "head.bias")
 
 
-@contextmanager
-def _mode(module: nn.Module, training: bool) -> Iterator[None]:
-    """Put ``module`` in train or eval mode for a block, then restore its previous mode."""
-    modes = {m: m.training for m in module.modules()}
-    module.train(training)
-    try:
-        yield
-    finally:
-        for m, was in modes.items():
-            m.training = was
+@dataclass
+class MAMLConfig(Settings):
+    """mm-MAML settings (MedIMeta: 4 inner SGD steps at lr 0.1 in training, 32 at test, outer Adam
+    1e-3). The defaults fit a 2-core CPU (first order, 200 meta-steps); the ``paper`` profile
+    has MedIMeta's budget.
+
+    Training episodes: a source task drawn in proportion to its size, N uniform in 2..all
+    classes, K uniform in 1..``max_shot``, ``n_query`` queries per class. ``test_steps``,
+    ``inner_lr`` and ``bn_train`` also set the ``maml`` method's test-time rule. (Meta-SGD is
+    available from ``MAML(meta_sgd=True)`` for code of your own; the protocol does not use it.)
+    """
+
+    steps: int = setting(200, min=1)
+    meta_batch: int = setting(4, min=1)
+    inner_steps: int = setting(4, min=1)
+    inner_lr: float = setting(0.1, above=0)
+    test_steps: int = setting(32, min=1)
+    outer_lr: float = setting(1e-3, above=0)
+    first_order: bool = True
+    """Second order is exact but about 3x the cost."""
+    bn_train: bool = True
+    """BatchNorm in train mode on the query (transductive, as MedIMeta)."""
+    max_shot: int = setting(10, min=1)
+    n_query: int = setting(10, min=1)
+    checkpoint_every: int = setting(50, min=1)
 
 
 def _logits(backbone: nn.Module, params: Params, buffers: Params, head: Params, x: Tensor) -> Tensor:
@@ -77,7 +92,7 @@ def zero_head(width: int, num_outputs: int, like: Tensor) -> Params:
 def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type: TaskType, num_outputs: int,
                 support_x: Tensor, support_y: Tensor, steps: int,
                 inner_lr: float | Mapping[str, Tensor], first_order: bool,
-                bn_train: bool = True) -> tuple[Params, Params]:
+                bn_train: bool = MAMLConfig.bn_train) -> tuple[Params, Params]:
     """SGD on the support loss from ``params`` and a zero head; returns (adapted params, head).
 
     ``inner_lr`` is a float or, for Meta-SGD, a mapping from parameter name (and
@@ -95,7 +110,7 @@ def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type:
     def lr_of(name: str) -> float | Tensor:
         return inner_lr if isinstance(inner_lr, (int, float)) else inner_lr[name]
 
-    with _mode(backbone, bn_train):
+    with train_mode(backbone, bn_train):
         for _ in range(steps):
             if first_order:
                 gp, gh = grad_fn({k: v.detach() for k, v in params.items()},
@@ -107,9 +122,9 @@ def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type:
     return params, head
 
 
-def maml_loss(backbone: nn.Module, episodes: Sequence[Episode], inner_steps: int = 4,
-              inner_lr: float | Mapping[str, Tensor] = 0.1, first_order: bool = False,
-              bn_train: bool = True) -> Tensor:
+def maml_loss(backbone: nn.Module, episodes: Sequence[Episode], inner_steps: int = MAMLConfig.inner_steps,
+              inner_lr: float | Mapping[str, Tensor] = MAMLConfig.inner_lr, first_order: bool = MAMLConfig.first_order,
+              bn_train: bool = MAMLConfig.bn_train) -> Tensor:
     """Mean query loss after inner adaptation, differentiable w.r.t. the backbone's parameters.
 
     Episodes are handled one after the other, so each may have its own way, shot and task type.
@@ -120,7 +135,7 @@ def maml_loss(backbone: nn.Module, episodes: Sequence[Episode], inner_steps: int
     for ep in episodes:
         adapted, head = inner_adapt(backbone, params, buffers, ep.task_type, ep.num_outputs,
                                     ep.support_x, ep.support_y, inner_steps, inner_lr, first_order, bn_train)
-        with _mode(backbone, bn_train):
+        with train_mode(backbone, bn_train):
             logits = _logits(backbone, adapted, buffers, head, ep.query_x)
         losses.append(ep.task_type.loss(logits, ep.query_y))
     return torch.stack(losses).mean()
@@ -134,9 +149,10 @@ class MAML:
     a single episode.
     """
 
-    def __init__(self, backbone: nn.Module, inner_steps: int = 4, inner_lr: float = 0.1,
-                 first_order: bool = False, meta_sgd: bool = False, outer_lr: float = 1e-3,
-                 bn_train: bool = True, test_steps: int = 32) -> None:
+    def __init__(self, backbone: nn.Module, inner_steps: int = MAMLConfig.inner_steps,
+                 inner_lr: float = MAMLConfig.inner_lr, first_order: bool = MAMLConfig.first_order,
+                 meta_sgd: bool = False, outer_lr: float = MAMLConfig.outer_lr, bn_train: bool = MAMLConfig.bn_train,
+                 test_steps: int = MAMLConfig.test_steps) -> None:
         self.backbone = backbone
         self.inner_steps, self.inner_lr, self.first_order = inner_steps, inner_lr, first_order
         self.bn_train, self.test_steps = bn_train, test_steps
@@ -206,7 +222,7 @@ class MAML:
 
 
 def adapt_and_predict(backbone: nn.Module, episode: Episode, steps: int, lr: float | Mapping[str, Tensor],
-                      bn_train: bool = True) -> Tensor:
+                      bn_train: bool = MAMLConfig.bn_train) -> Tensor:
     """MAML's test-time adaptation: ``steps`` SGD steps on the support from a zero head (no
     second-order terms); query logits. ``lr``: a float or Meta-SGD's learned rates."""
     device = next(backbone.parameters()).device
@@ -216,35 +232,8 @@ def adapt_and_predict(backbone: nn.Module, episode: Episode, steps: int, lr: flo
     with torch.no_grad():
         adapted, head = inner_adapt(backbone, params, buffers, episode.task_type, episode.num_outputs, support_x,
                                     support_y, steps, lr, first_order=True, bn_train=bn_train)
-        with _mode(backbone, bn_train):
+        with train_mode(backbone, bn_train):
             return _logits(backbone, adapted, buffers, head, query_x)
-
-
-@dataclass
-class MAMLConfig(Settings):
-    """mm-MAML settings (MedIMeta: 4 inner SGD steps at lr 0.1 in training, 32 at test, outer Adam
-    1e-3). The defaults fit a 2-core CPU (first order, 200 meta-steps); the ``paper`` profile
-    has MedIMeta's budget.
-
-    Training episodes: a source task drawn in proportion to its size, N uniform in 2..all
-    classes, K uniform in 1..``max_shot``, ``n_query`` queries per class. ``test_steps``,
-    ``inner_lr`` and ``bn_train`` also set the ``maml`` method's test-time rule. (Meta-SGD is
-    available from ``MAML(meta_sgd=True)`` for code of your own; the protocol does not use it.)
-    """
-
-    steps: int = setting(200, min=1)
-    meta_batch: int = setting(4, min=1)
-    inner_steps: int = setting(4, min=1)
-    inner_lr: float = setting(0.1, above=0)
-    test_steps: int = setting(32, min=1)
-    outer_lr: float = setting(1e-3, above=0)
-    first_order: bool = True
-    """Second order is exact but about 3x the cost."""
-    bn_train: bool = True
-    """BatchNorm in train mode on the query (transductive, as MedIMeta)."""
-    max_shot: int = setting(10, min=1)
-    n_query: int = setting(10, min=1)
-    checkpoint_every: int = setting(50, min=1)
 
 
 def train_maml(backbone: nn.Module, train: Mapping[str, MedMNISTTask], config: MAMLConfig, device: torch.device,
@@ -267,6 +256,7 @@ def train_maml(backbone: nn.Module, train: Mapping[str, MedMNISTTask], config: M
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         check_identity(checkpoint, state.get("identity"), identity)
+        check_steps(checkpoint, state["step"], config.steps)
         maml.load_state_dict(state["maml"])
         step = state["step"]
     writer = writer if distributed.is_main() else None

@@ -8,13 +8,17 @@
   [0, 1] images and ImageNet weights see the input statistics they were trained on.
   The normalisation is applied whatever the weights, so a backbone behaves the same
   after its state dict is saved and reloaded.
-* 3D: a ResNet-18 with 3D convolutions (MedMNIST 3D volumes are grey: 1 input
-  channel, no normalisation).
+* 3D: torchvision's ResNet-18/50 turned 3D layer by layer (``ResNet3d``) with 3D, 2.5D or
+  ACS convolutions (MedMNIST 3D volumes are grey: 1 input channel, no normalisation).
+
+On the CPU, convolutions over small maps (the deep layers at 28px) run as one matrix product
+(``SmallMapConv2d``, ``SmallMapConv3d``): the same convolution up to float rounding, about
+1.8x faster to fine-tune at 28px than oneDNN's kernels (benchmarks/adaptation.py).
 
 The stem is a choice because at 28px the ImageNet stem (7x7 stride-2 conv + max-pool)
 shrinks the image to 7x7 before the first block; the CIFAR stem (3x3 stride-1 conv,
-no max-pool) keeps 28x28. The 2D backbone is a subclass of torchvision's ``ResNet``
-with ``fc`` replaced by ``nn.Identity``, so its state dict uses torchvision's keys.
+no max-pool) keeps 28x28. The backbones subclass torchvision's ``ResNet`` with ``fc``
+replaced by ``nn.Identity``, so their state dicts use torchvision's keys.
 
 ``Classifier`` is a backbone plus one linear head; ``MultiHeadModel`` shares a backbone
 between tasks, one linear head per task id.
@@ -27,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 from urllib.error import URLError
 
 import torch
@@ -36,28 +40,28 @@ import torch.nn.functional as F
 from torchvision.models import ResNet18_Weights, ResNet50_Weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, MethodError
 from ..settings import Settings
 
-ARCHS_2D = ("resnet18", "resnet50")
-ARCHS_3D = ("resnet18", "resnet50")
-STEMS = ("cifar", "imagenet")
+Arch = Literal["resnet18", "resnet50"]
+Stem = Literal["imagenet", "cifar"]
+Conv3dKind = Literal["3d", "2.5d", "acs"]
+ARCHS, STEMS, CONV3D_KINDS = get_args(Arch), get_args(Stem), get_args(Conv3dKind)
 
 
 @dataclass
 class ModelConfig(Settings):
     """The backbone every method of an experiment uses."""
 
-    arch: Literal["resnet18", "resnet50"] = "resnet18"
-    stem: Literal["imagenet", "cifar"] = "imagenet"
+    arch: Arch = "resnet18"
+    stem: Stem = "imagenet"
     """``imagenet``: 7x7 stride-2 conv + max-pool; ``cifar``: 3x3 stride-1 conv, no pool (see the module docstring)."""
     imagenet_weights: str | None = None
     """A local torchvision ImageNet state dict for the ``imagenet`` initialisation; None downloads it."""
-    conv3d: Literal["3d", "2.5d", "acs"] = "3d"
+    conv3d: Conv3dKind = "3d"
     """Convolutions of 3D backbones: 3D, 2.5D (2D on slices) or ACS (see ``ResNet3d``)."""
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESNET_2D = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
 _IMAGENET_WEIGHTS = {"resnet18": ResNet18_Weights.IMAGENET1K_V1, "resnet50": ResNet50_Weights.IMAGENET1K_V2}
@@ -163,7 +167,7 @@ class ACSConv3d(nn.Module):
         self.split = (out_channels - 2 * third, third, third) if out_channels % 3 != 2 else (third + 1, third + 1, third)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, p, s = self.kernel_size, self.padding, (self.stride,) * 3
+        p, s = self.padding, (self.stride,) * 3
         a, c, _ = self.split
         views = ((self.weight[:a].unsqueeze(2), (0, p, p)), (self.weight[a:a + c].unsqueeze(3), (p, 0, p)),
                  (self.weight[a + c:].unsqueeze(4), (p, p, 0)))
@@ -194,7 +198,7 @@ class ResNet2d(ResNet):
     Output: features (B, out_features).
     """
 
-    def __init__(self, arch: str = "resnet18", stem: str = "cifar") -> None:
+    def __init__(self, arch: Arch, stem: Stem) -> None:
         block, layers = _RESNET_2D[arch]
         super().__init__(block, layers)
         self.arch = arch
@@ -217,10 +221,6 @@ class ResNet2d(ResNet):
             x = x.expand(-1, 3, -1, -1)
         x = (x - self.mean) / self.std
         return super().forward(x)
-
-
-Conv3dKind = Literal["3d", "2.5d", "acs"]
-CONV3D_KINDS = ("3d", "2.5d", "acs")
 
 
 def _to_3d(module: nn.Module, kind: Conv3dKind) -> nn.Module:
@@ -255,7 +255,7 @@ class ResNet3d(ResNet):
     Module and state-dict names follow torchvision's ResNet.
     """
 
-    def __init__(self, arch: str = "resnet18", stem: str = "cifar", conv: Conv3dKind = "3d") -> None:
+    def __init__(self, arch: Arch, stem: Stem, conv: Conv3dKind) -> None:
         block, layers = _RESNET_2D[arch]
         super().__init__(block, layers)
         self.arch, self.stem, self.conv = arch, stem, conv
@@ -278,7 +278,8 @@ class ResNet3d(ResNet):
 
 
 def build_backbone(
-    arch: str = "resnet18", dims: int = 2, stem: str = "cifar", weights: WeightsArg = None, conv3d: Conv3dKind = "3d"
+    arch: Arch = ModelConfig.arch, dims: int = 2, stem: Stem = ModelConfig.stem, weights: WeightsArg = None,
+    conv3d: Conv3dKind = ModelConfig.conv3d
 ) -> nn.Module:
     """A ResNet feature extractor: (B, C, H, W) or (B, 1, D, H, W) in [0, 1] -> (B, out_features).
 
@@ -298,9 +299,8 @@ def build_backbone(
         raise ConfigError(f"dims must be 2 or 3, got {dims!r}")
     if stem not in STEMS:
         raise ConfigError(f"stem must be one of {STEMS}, got {stem!r}")
-    archs = ARCHS_2D if dims == 2 else ARCHS_3D
-    if arch not in archs:
-        raise ConfigError(f"arch for dims={dims} must be one of {archs}, got {arch!r}")
+    if arch not in ARCHS:
+        raise ConfigError(f"arch must be one of {ARCHS}, got {arch!r}")
     imagenet = isinstance(weights, str) and weights == "imagenet"
     if imagenet and dims == 3:
         raise MethodError("there are no ImageNet weights for 3D backbones; use weights=None or a local file")
@@ -448,6 +448,18 @@ def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+@contextmanager
+def train_mode(module: nn.Module, training: bool) -> Iterator[None]:
+    """Put ``module`` (every submodule) in train or eval mode for a block, then restore each one's mode."""
+    modes = {m: m.training for m in module.modules()}
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, was in modes.items():
+            m.training = was
+
+
 @torch.no_grad()
 def reestimate_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Replace every BatchNorm layer's running statistics by those of ``batches``; weights unchanged.
@@ -459,19 +471,16 @@ def reestimate_batchnorm(module: nn.Module, batches: Iterable[torch.Tensor]) -> 
     """
     layers = _batchnorms(module)
     momenta = [m.momentum for m in layers]
-    modes = {m: m.training for m in module.modules()}
     try:
         for m in layers:
             m.reset_running_stats()
             m.momentum = None
-        module.train()
-        for x in batches:
-            module(x)
+        with train_mode(module, True):
+            for x in batches:
+                module(x)
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
-        for m, was in modes.items():
-            m.training = was
 
 
 @contextmanager

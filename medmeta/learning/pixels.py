@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.base import clone
 from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -26,8 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..data.tasks import MedMNISTTask
-
-CLIP = 1e-6
+from ..tasktype import TaskType
 
 
 def candidates(seed: int) -> dict[str, Any]:
@@ -43,28 +43,25 @@ def _pixels(ds: MedMNISTTask) -> np.ndarray:
     return ds.raw_images(np.arange(len(ds))).reshape(len(ds), -1).astype(np.float32) / 255.0
 
 
-def _logits(model: Any, x: np.ndarray, multiclass: bool) -> np.ndarray:
-    p = np.clip(np.asarray(model.predict_proba(x)), CLIP, 1 - CLIP)
-    if multiclass:
-        return np.log(p)
-    if p.ndim == 2 and p.shape[1] == 2 and not isinstance(model, OneVsRestClassifier):
+def _logits(model: Any, x: np.ndarray, task_type: TaskType) -> torch.Tensor:
+    p = torch.from_numpy(np.asarray(model.predict_proba(x), dtype=np.float64))
+    if task_type.binary:
         p = p[:, 1]
-    return np.log(p) - np.log1p(-p)
+    return task_type.logits_from_probabilities(p)
 
 
 def pixel_baseline(train: MedMNISTTask, val: MedMNISTTask, test: MedMNISTTask, seed: int = 0) -> dict[str, Any]:
     """Fit every candidate, keep the best on validation AUROC, score it on test."""
     task_type = train.task.task_type
     xs = {name: _pixels(ds) for name, ds in (("train", train), ("val", val), ("test", test))}
-    multiclass = task_type.choose_classes
     scores: dict[str, float] = {}
     fitted: dict[str, Any] = {}
     for name, model in candidates(seed).items():
         model = OneVsRestClassifier(clone(model)) if task_type.multilabel else model
         model.fit(xs["train"], train.labels)
         fitted[name] = model
-        scores[name] = task_type.evaluate(val.labels, _logits(model, xs["val"], multiclass))["auroc"]
+        scores[name] = task_type.evaluate(val.labels, _logits(model, xs["val"], task_type))["auroc"]
     best = max(scores, key=lambda n: scores[n])
-    test_scores = task_type.evaluate(test.labels, _logits(fitted[best], xs["test"], multiclass))
+    test_scores = task_type.evaluate(test.labels, _logits(fitted[best], xs["test"], task_type))
     return {"model": best, "val_auroc": scores[best], "val_auroc_by_model": scores,
             "test_auroc": test_scores["auroc"], "test_acc": test_scores["acc"]}

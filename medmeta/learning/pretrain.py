@@ -45,7 +45,7 @@ from ..errors import ConfigError
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from .models import MultiHeadModel, batchnorm_restored, reestimate_batchnorm
-from .runtime import Precision, autocast, check_identity, checkpoint_identity, evaluate_split, to_device
+from .runtime import Precision, autocast, check_identity, check_steps, checkpoint_identity, evaluate_split, to_device
 
 
 @dataclass
@@ -162,7 +162,7 @@ class MultiTaskPretrainer:
                 with autocast(self.device, self.config.precision):
                     reestimate_batchnorm(self.model.backbone, self.bn_batches(task_id))
                 res = evaluate_split(lambda x, t=task_id: self.model(x, t), self.model, ds, self.device,
-                                     self.val_indices[task_id])
+                                     self.val_indices[task_id], self.config.precision)
             scores[f"{task_id}/auroc"], scores[f"{task_id}/acc"] = res["auroc"], res["acc"]
         scores["mean_auroc"] = float(np.nanmean([v for k, v in scores.items() if k.endswith("/auroc")]))
         return scores
@@ -178,7 +178,7 @@ class MultiTaskPretrainer:
             bar.set_postfix(task=task_id.split("mnist")[0], loss=f"{loss:.3f}", best=f"{self.best_score:.3f}")
             if self.writer is not None:
                 self.writer.add_scalar(f"pretrain/loss/{task_id}", loss, self.step)
-            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.eval_every == 0:
                 self._evaluate()
             now = time.perf_counter()
             self.seconds += now - clock
@@ -192,6 +192,9 @@ class MultiTaskPretrainer:
             self.writer.add_scalar("pretrain/data_share", self.data_seconds / self.seconds, self.step)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        # Under DDP the weights agree but each rank's BatchNorm running statistics are its own:
+        # every rank takes rank 0's, so the backbone handed on is the one backbone.pt holds.
+        distributed.broadcast_module_(self.model)
         return self.model.backbone
 
     def _evaluate(self) -> None:
@@ -227,6 +230,7 @@ class MultiTaskPretrainer:
         """Resume from a checkpoint written by ``save`` for the same source tasks."""
         state = torch.load(path, map_location=self.device, weights_only=False)
         check_identity(path, state.get("identity"), self.identity)
+        check_steps(path, state["step"], self.config.steps)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.best_score, self.bad_evals = state["step"], state["best_score"], state["bad_evals"]

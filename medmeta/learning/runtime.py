@@ -14,11 +14,13 @@ from .. import distributed
 from ..data.tasks import MedMNISTTask
 from ..errors import ConfigError
 from ..settings import Settings
+from .models import train_mode
 
 NOT_TRAINING_KEYS = ("steps", "checkpoint_every", "test_steps")
 """Config keys a checkpoint may be resumed under with another value: training more steps
-continues the same run exactly; the checkpoint cadence and test-time settings do not change
-the training."""
+continues the same run exactly (evaluations fall on the ``eval_every`` cadence, whatever
+``steps`` is); the checkpoint cadence and test-time settings do not change the training. A
+checkpoint that trained further than ``steps`` is refused (``check_steps``)."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -76,25 +78,25 @@ def autocast(device: torch.device, precision: Precision = "auto"):
 
 @torch.no_grad()
 def predict(forward: Callable[[torch.Tensor], torch.Tensor], dataset: MedMNISTTask, device: torch.device,
-            batch_size: int = 256, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            batch_size: int = 256, indices: np.ndarray | None = None, precision: Precision = "auto"
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Logits and labels for a split (or the given indices), batch by batch."""
     idx = np.arange(len(dataset)) if indices is None else indices
     logits, labels = [], []
     for start in range(0, len(idx), batch_size):
         x, y = to_device(*dataset.get_batch(idx[start:start + batch_size]), device)
-        with autocast(device):
+        with autocast(device, precision):
             logits.append(forward(x).float().cpu())
         labels.append(y.cpu())
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
 def evaluate_split(forward: Callable[[torch.Tensor], torch.Tensor], module: nn.Module, dataset: MedMNISTTask,
-                   device: torch.device, indices: np.ndarray | None = None) -> dict[str, float]:
+                   device: torch.device, indices: np.ndarray | None = None, precision: Precision = "auto"
+                   ) -> dict[str, float]:
     """AUROC and accuracy of ``forward`` on a dataset split, with ``module`` in eval mode."""
-    was_training = module.training
-    module.eval()
-    logits, labels = predict(forward, dataset, device, indices=indices)
-    module.train(was_training)
+    with train_mode(module, False):
+        logits, labels = predict(forward, dataset, device, indices=indices, precision=precision)
     return dataset.task.task_type.evaluate(labels, logits)
 
 
@@ -102,6 +104,13 @@ def checkpoint_identity(config: Settings, **context: Any) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the config (minus ``NOT_TRAINING_KEYS``) and context."""
     fields = {k: v for k, v in config.to_dict().items() if k not in NOT_TRAINING_KEYS}
     return {**fields, **context}
+
+
+def check_steps(path: Path, done: int, steps: int) -> None:
+    """Refuse a checkpoint that trained further than this run asks: it is another, longer run."""
+    if done > steps:
+        raise ConfigError(f"checkpoint {path} has trained {done} steps, this run asks for {steps}: it belongs to a "
+                          "longer run; raise steps, use another --out folder or delete the checkpoint")
 
 
 def check_identity(path: Path, stored: Mapping[str, Any] | None, wanted: Mapping[str, Any]) -> None:

@@ -62,8 +62,11 @@ class SupervisedTrainer:
 
     def __init__(self, model: nn.Module, train: MedMNISTTask, val: MedMNISTTask, config: SupervisedConfig,
                  device: torch.device, seed: int = 0, checkpoint: Path | None = None,
-                 writer: SummaryWriter | None = None) -> None:
+                 writer: SummaryWriter | None = None, context: dict[str, Any] | None = None) -> None:
+        """``context``: what else the model depends on (architecture, input size...), bound into
+        the checkpoint's identity with the recipe, so a changed setting never resumes another's model."""
         self.model, self.train, self.val, self.config, self.device, self.seed = model.to(device), train, val, config, device, seed
+        self.context = dict(context or {})
         self.checkpoint, self.writer = checkpoint, writer
         torch.manual_seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -83,7 +86,8 @@ class SupervisedTrainer:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return checkpoint_identity(self.config, task=self.train.task.task_id, size=self.train.task.size, seed=self.seed)
+        return checkpoint_identity(self.config, task=self.train.task.task_id, size=self.train.task.size, seed=self.seed,
+                                   **self.context)
 
     def run(self, on_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Train until the last epoch or early stopping; load the selected epoch's weights; return
@@ -122,7 +126,7 @@ class SupervisedTrainer:
             losses.append(loss.item())
         self.epoch += 1
         self.model.eval()
-        logits, labels = predict(self.model, self.val, self.device)
+        logits, labels = predict(self.model, self.val, self.device, precision=cfg.precision)
         self.model.train()
         scores = task_type.evaluate(labels, logits)
         val_loss = float(task_type.loss(torch.from_numpy(logits).float(), torch.from_numpy(labels).to(task_type.label_dtype)))
@@ -160,6 +164,6 @@ class SupervisedTrainer:
 
 def train_supervised(model: nn.Module, train: MedMNISTTask, val: MedMNISTTask, config: SupervisedConfig,
                      device: torch.device, seed: int = 0, checkpoint: Path | None = None,
-                     writer: SummaryWriter | None = None) -> dict[str, Any]:
+                     writer: SummaryWriter | None = None, context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and keep the selected epoch (see ``SupervisedTrainer``)."""
-    return SupervisedTrainer(model, train, val, config, device, seed, checkpoint, writer).run()
+    return SupervisedTrainer(model, train, val, config, device, seed, checkpoint, writer, context).run()

@@ -46,10 +46,6 @@ class Sources:
     train: Mapping[str, MedMNISTTask]
     val: Mapping[str, MedMNISTTask]
 
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.train)
-
 
 @dataclass
 class InitContext:

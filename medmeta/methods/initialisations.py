@@ -72,7 +72,7 @@ class Checkpoint(Settings, Initialisation):
     def backbone(self, context: InitContext) -> nn.Module:
         if not self.path:
             raise MethodError("the checkpoint initialisation needs a file: pass --checkpoint FILE "
-                              "(or set model.checkpoint)")
+                              "(or set the config key checkpoint)")
         return random_backbone(context, weights=self.path)
 
 
@@ -115,6 +115,3 @@ class MAMLInit(Settings, Initialisation):
             write_text_atomic(context.folder / "training.json", json.dumps({"seconds": maml.seconds}))
         return maml.backbone
 
-
-INITIALISATIONS: dict[str, type[Initialisation]] = {i.name: i for i in (Scratch, ImageNet, Checkpoint, MMPT, MAMLInit)}
-"""Built-in initialisations by name."""

@@ -25,9 +25,7 @@ inner        MAML's test-time rule: SGD from a zero head with BatchNorm in train
 
 Frozen-feature rules (linear, knn, proto, and lpft's probe) re-estimate the backbone's
 BatchNorm statistics on the support set first (``learning.finetune.frozen_features``).
-Scores are turned into logits as ``TaskType.evaluate`` reads them: vote shares ``s`` become
-``log s`` (multi-class: the softmax gives ``s`` back) or ``log(s / (1 - s))`` (binary and
-multi-label: the sigmoid does), clipped to [1e-6, 1 - 1e-6].
+k-NN's vote shares become logits with ``TaskType.logits_from_probabilities``.
 """
 from __future__ import annotations
 
@@ -41,13 +39,13 @@ from torch import Tensor, nn
 
 from ..episodes import Episode
 from ..learning.finetune import HeadState, WorkingCopy, fine_tune, fine_tune_episodes, frozen_features
+from ..learning.maml import MAMLConfig
 from ..learning.maml import adapt_and_predict as maml_adapt_and_predict
 from ..settings import Settings, setting
 from ..tasktype import TaskType
 from .base import AdaptationRule
 
 Metric = Literal["euclidean", "cosine"]
-SHARE_CLIP = 1e-6
 
 
 @dataclass
@@ -132,11 +130,6 @@ def distances(query: Tensor, points: Tensor, metric: Metric, squared: bool = Fal
     return d.square() if squared else d
 
 
-def _logit(share: Tensor) -> Tensor:
-    share = share.clamp(SHARE_CLIP, 1 - SHARE_CLIP)
-    return torch.log(share) - torch.log1p(-share)
-
-
 @dataclass
 class KNN(Settings, FrozenFeatureRule):
     """Distance-weighted k-nearest-neighbour votes on frozen features (see the module docstring)."""
@@ -153,12 +146,13 @@ class KNN(Settings, FrozenFeatureRule):
         w = 1.0 / (nearest + 1e-8) if self.weights == "distance" else torch.ones_like(nearest)
         total = w.sum(dim=1, keepdim=True)
         if episode.task_type.multilabel:
-            return _logit((w.unsqueeze(2) * support_y[idx].to(w.dtype)).sum(dim=1) / total)
-        if episode.task_type.binary:
-            return _logit((w * support_y[idx].to(w.dtype)).sum(dim=1, keepdim=True) / total)
-        votes = torch.zeros(len(query), episode.num_outputs, dtype=w.dtype, device=w.device)
-        votes.scatter_add_(1, support_y[idx], w)
-        return torch.log((votes / total).clamp_min(SHARE_CLIP))
+            shares = (w.unsqueeze(2) * support_y[idx].to(w.dtype)).sum(dim=1) / total
+        elif episode.task_type.binary:
+            shares = (w * support_y[idx].to(w.dtype)).sum(dim=1, keepdim=True) / total
+        else:
+            votes = torch.zeros(len(query), episode.num_outputs, dtype=w.dtype, device=w.device)
+            shares = votes.scatter_add_(1, support_y[idx], w) / total
+        return episode.task_type.logits_from_probabilities(shares)
 
 
 def _mean_where(features: Tensor, mask: Tensor) -> Tensor:
@@ -214,13 +208,11 @@ class MAMLInner(Settings, AdaptationRule):
     """SGD from a zero head, BatchNorm in train mode on the query (MAML's test-time adaptation)."""
 
     name: ClassVar[str] = "inner"
-    steps: int = setting(32, min=1)
-    lr: float = setting(0.1, above=0)
-    bn_train: bool = True
+    steps: int = setting(MAMLConfig.test_steps, min=1)
+    lr: float = setting(MAMLConfig.inner_lr, above=0)
+    bn_train: bool = MAMLConfig.bn_train
 
     def predict(self, backbone: nn.Module, episode: Episode, seed: int) -> Tensor:
         return maml_adapt_and_predict(backbone, episode, self.steps, self.lr, self.bn_train)
 
 
-RULES: dict[str, type[AdaptationRule]] = {r.name: r for r in (FineTune, LinearProbe, KNN, Prototypes, LPFT, MAMLInner)}
-"""Built-in rules by name."""

@@ -1,0 +1,72 @@
+"""Compare two methods from two runs, paired, on the episodes both were scored on.
+
+    python experiments/compare.py RUN_A/results.json:METHOD RUN_B/results.json:METHOD [...more pairs]
+
+Each pair prints both methods' mean query AUROC and accuracy on the common episodes and the
+paired per-episode difference (A - B) with its 95% interval. Episode i of a stored set is the
+same whatever the set's length, so a run on the first 30 episodes pairs with a run on 100.
+The runs must share the target, the episode seed and the sampler settings (refused otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medmeta.errors import ConfigError, MedmetaError
+from medmeta.evaluation.metrics import mean_ci, paired_difference
+
+
+def load(spec: str) -> tuple[dict, dict]:
+    path, _, method = spec.rpartition(":")
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read a results.json ({exc})") from None
+    if method not in results["methods"]:
+        raise ConfigError(f"{path} has no method {method!r}; it has {sorted(results['methods'])}")
+    return results, results["methods"][method]
+
+
+def compare(spec_a: str, spec_b: str) -> dict:
+    (ra, a), (rb, b) = load(spec_a), load(spec_b)
+    same = ("task", "seed", "sampler")
+    ea, eb = ra["episode_set"], rb["episode_set"]
+    if any(ea[k] != eb[k] for k in same):
+        raise ConfigError(f"{spec_a} and {spec_b} were scored on different episode sets "
+                          f"({ {k: ea[k] for k in same} } vs { {k: eb[k] for k in same} })")
+    by_a = {e["episode"]: e for e in a["per_episode"]}
+    common = [(by_a[e["episode"]], e) for e in b["per_episode"] if e["episode"] in by_a]
+    out = {"a": spec_a, "b": spec_b, "episodes": len(common)}
+    for metric in ("auroc", "acc"):
+        out[f"a_{metric}"] = mean_ci([x[metric] for x, _ in common])
+        out[f"b_{metric}"] = mean_ci([y[metric] for _, y in common])
+        out[f"{metric}_diff"] = paired_difference([x[metric] for x, _ in common], [y[metric] for _, y in common])
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("pairs", nargs="+", help="RESULTS.json:METHOD, two per comparison")
+    args = parser.parse_args(argv)
+    try:
+        if len(args.pairs) % 2:
+            raise ConfigError("give the runs in pairs: A.json:METHOD B.json:METHOD ...")
+        rows = [compare(a, b) for a, b in zip(args.pairs[::2], args.pairs[1::2])]
+    except MedmetaError as exc:
+        print(f"compare: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    for r in rows:
+        d = r["auroc_diff"]
+        print(f"{r['a']}  vs  {r['b']}  ({r['episodes']} common episodes)")
+        print(f"  AUROC {r['a_auroc'][0]:.3f} ± {r['a_auroc'][1]:.3f} vs {r['b_auroc'][0]:.3f} ± {r['b_auroc'][1]:.3f};"
+              f" paired A - B {d['mean']:+.3f} ± {d['ci95']:.3f}")
+        d = r["acc_diff"]
+        print(f"  ACC   {r['a_acc'][0]:.3f} ± {r['a_acc'][1]:.3f} vs {r['b_acc'][0]:.3f} ± {r['b_acc'][1]:.3f};"
+              f" paired A - B {d['mean']:+.3f} ± {d['ci95']:.3f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
