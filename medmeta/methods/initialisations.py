@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -76,6 +77,13 @@ class Checkpoint(Settings, Initialisation):
         return random_backbone(context, weights=self.path)
 
 
+def save_trained(folder: Path, backbone: nn.Module, training: dict) -> None:
+    """Keep a trained backbone and what its training measured (``training.json``), on the main process."""
+    if distributed.is_main():
+        torch_save_atomic(backbone.state_dict(), folder / "backbone.pt")
+        write_text_atomic(folder / "training.json", json.dumps(training))
+
+
 @dataclass
 class MMPT(Settings, Initialisation):
     """Multi-domain multi-task pretraining on the sources; the backbone with the best validation AUROC."""
@@ -90,11 +98,9 @@ class MMPT(Settings, Initialisation):
                                       self.config, context.device, seed=context.seed,
                                       checkpoint=context.folder / "checkpoint.pt", writer=context.writer)
         backbone = trainer.run()
-        if distributed.is_main():
-            torch_save_atomic(backbone.state_dict(), context.folder / "backbone.pt")
-            write_text_atomic(context.folder / "training.json", json.dumps(
-                {"seconds": trainer.seconds, "data_share": trainer.data_seconds / max(trainer.seconds, 1e-9),
-                 "step": trainer.step, "best_score": trainer.best_score, "history": trainer.history}))
+        save_trained(context.folder, backbone, {
+            "seconds": trainer.seconds, "data_share": trainer.data_seconds / max(trainer.seconds, 1e-9),
+            "step": trainer.step, "best_score": trainer.best_score, "history": trainer.history})
         return backbone
 
 
@@ -110,8 +116,6 @@ class MAMLInit(Settings, Initialisation):
         assert context.sources is not None, "the protocol gives trained initialisations their sources"
         maml = train_maml(random_backbone(context), context.sources.train, self.config, context.device,
                           seed=context.seed, checkpoint=context.folder / "checkpoint.pt", writer=context.writer)
-        if distributed.is_main():
-            torch_save_atomic(maml.backbone.state_dict(), context.folder / "backbone.pt")
-            write_text_atomic(context.folder / "training.json", json.dumps({"seconds": maml.seconds}))
+        save_trained(context.folder, maml.backbone, {"seconds": maml.seconds})
         return maml.backbone
 
