@@ -108,3 +108,4 @@ def test_torchrun_two_processes_match_one(synthetic: Synthetic, tmp_path: Path) 
     b = [e["auroc"] for e in two["methods"]["maml"]["per_episode"]]
     np.testing.assert_allclose(a, b, atol=0.05)
     assert two["methods"]["mmpt"]["summary"]["episodes"] == 5  # DDP mm-PT ran (BatchNorm per rank: not equal)
+    assert (one["processes"], two["processes"]) == (1, 2)  # the run says how many processes produced it

@@ -287,6 +287,7 @@ class Protocol:
         results: dict[str, Any] = {
             "target": config.target, "task": target.dataset.task.task_id, "sources": self.sources,
             "config": config.to_dict(), "seed": config.seed, "device": str(self.device),
+            "processes": distributed.world_size(), "threads": torch.get_num_threads(),
             "versions": package_versions(), "reference": config.reference,
             "episode_set": {"task": target.episodes.task_id, "split": target.episodes.split,
                             "count": len(target.episodes), "sampler": target.episodes.sampler,
