@@ -246,9 +246,9 @@ class Protocol:
             "episodes": [episodes.task_id, episodes.seed, episodes.sampler, len(episodes), episodes.labels_crc32]}
         if c.episodes.file:
             key["episode_indices"] = stable_hash([s.indices.tolist() for s in episodes])
-        files = [f for f in (c.model.imagenet_weights, c.checkpoint) if f and Path(f).is_file()]
-        if files:
-            key["files"] = [(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in files]
+        stats = [(f, Path(f).stat()) for f in (c.model.imagenet_weights, c.checkpoint) if f and Path(f).is_file()]
+        if stats:
+            key["files"] = [(f, st.st_size, st.st_mtime_ns) for f, st in stats]
         return stable_hash(key)
 
     def backbone(self, method: Method, writer: SummaryWriter | None) -> tuple[nn.Module, float]:

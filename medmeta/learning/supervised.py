@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..data.tasks import MedMNISTTask
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
+from .models import train_mode
 from .runtime import Precision, autocast, check_identity, checkpoint_identity, predict, to_device
 
 
@@ -125,9 +126,8 @@ class SupervisedTrainer:
             self.sched.step()
             losses.append(loss.item())
         self.epoch += 1
-        self.model.eval()
-        logits, labels = predict(self.model, self.val, self.device, precision=cfg.precision)
-        self.model.train()
+        with train_mode(self.model, False):
+            logits, labels = predict(self.model, self.val, self.device, precision=cfg.precision)
         scores = task_type.evaluate(labels, logits)
         val_loss = float(task_type.loss(torch.from_numpy(logits).float(), torch.from_numpy(labels).to(task_type.label_dtype)))
         record = {"epoch": self.epoch, "loss": float(np.mean(losses)), "val_loss": val_loss,
