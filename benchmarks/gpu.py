@@ -8,8 +8,10 @@ It builds a synthetic store (random images; speed does not depend on pixel value
 
 1. mm-PT images/s at 28 and 224px: fp32 vs bf16 autocast, NCHW vs channels_last, with the
    data pipeline's share of each step (``MultiTaskPretrainer.data_seconds``);
-2. full fine-tuning episodes/min at 224px (5-way 5-shot 10-query, 50 Adam steps): vmapped
-   (``fine_tune_many``) vs one by one, with the largest logit difference between the two;
+2. full fine-tuning episodes/min at 28px (25 episodes, the protocol's chunk) and 224px
+   (5-way 5-shot 10-query, 50 Adam steps): vmapped (``fine_tune_many``) vs one by one, with
+   the largest logit difference between the two after 1 step and after 50, and between two
+   one-by-one runs (the device's own run-to-run noise, which 50 steps amplify);
 3. every adaptation rule (linear, knn, proto, lpft, inner) once on the device;
 4. MAML meta-step time and peak memory, first and second order (``train_maml``);
 5. supervised training, one epoch (``train_supervised``);
@@ -20,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -121,10 +125,34 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+class Sections:
+    """Runs the numbered sections; with ``keep_going`` a failing one prints its traceback and the
+    rest still run (one GPU lease, every figure it can give), else the error propagates."""
+
+    def __init__(self, report: dict, keep_going: bool) -> None:
+        self.report, self.keep_going = report, keep_going
+        report["errors"], report["section_seconds"] = {}, {}
+
+    def run(self, title: str, fn) -> None:
+        print(f"\n{title}", flush=True)
+        start = time.perf_counter()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - reported, and re-raised unless keep_going
+            if not self.keep_going:
+                raise
+            traceback.print_exc()
+            self.report["errors"][title] = f"{type(exc).__name__}: {exc}"
+        self.report["section_seconds"][title] = time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto, cuda or cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: check the code paths in about a minute")
+    parser.add_argument("--keep-going", action="store_true",
+                        help="a failing section prints its traceback and the others still run")
+    parser.add_argument("--json", type=Path, help="write the report here as JSON")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     smoke = args.smoke
@@ -133,80 +161,137 @@ def main(argv: list[str] | None = None) -> dict:
     mmpt_steps, mmpt_batch = (2, 8) if smoke else (30, 64)
     n_adapt, ft_steps = (2, 2) if smoke else (8, 50)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {device} ({name}), torch {torch.__version__}{', smoke mode' if smoke else ''}\n")
-    report: dict = {"device": name}
+    print(f"device: {device} ({name}), torch {torch.__version__}{', smoke mode' if smoke else ''}")
+    report: dict = {"device": name, "torch": torch.__version__, "smoke": smoke}
+    sections = Sections(report, args.keep_going)
+    rates: dict = {}
+    state: dict = {}
 
     with tempfile.TemporaryDirectory(prefix="medmeta_gpu_") as tmp:
         store = synthetic_store(Path(tmp), sizes, n=64 if smoke else 512)
 
-        print("1. mm-PT (ResNet-18, ImageNet stem, batch %d)" % mmpt_batch)
-        print(f"{'size':>6}{'precision':>11}{'layout':>15}{'images/s':>12}{'data share':>12}")
-        rates = {}
-        for size in sizes:
-            for precision in ("fp32", "bf16"):
-                for channels_last in (False, True):
-                    rate, share = mmpt_rate(store, size, mmpt_steps, mmpt_batch, precision, channels_last, device)
-                    rates[size, precision, channels_last] = rate
-                    layout = "channels_last" if channels_last else "NCHW"
-                    print(f"{size:>6}{precision:>11}{layout:>15}{rate:>12,.0f}{share:>11.1%}")
-        report["mmpt_images_per_s"] = {f"{k[0]}px/{k[1]}/{'cl' if k[2] else 'nchw'}": v for k, v in rates.items()}
+        def mmpt() -> None:
+            task = MedMNISTTask(store, "benchfive", "train", size=max(sizes))
+            idx = np.arange(0, len(task), 3)
+            x_dev, y_dev = task.get_batch(idx, device)
+            x_host, y_host = task.get_batch(idx)
+            assert torch.equal(x_dev.cpu(), x_host) and torch.equal(y_dev.cpu(), y_host), "get_batch on the device"
+            print(f"{'size':>6}{'precision':>11}{'layout':>15}{'images/s':>12}{'data share':>12}")
+            for size in sizes:
+                for precision in ("fp32", "bf16"):
+                    for channels_last in (False, True):
+                        rate, share = mmpt_rate(store, size, mmpt_steps, mmpt_batch, precision, channels_last, device)
+                        rates[size, precision, channels_last] = rate
+                        layout = "channels_last" if channels_last else "NCHW"
+                        key = f"{size}px/{precision}/{'cl' if channels_last else 'nchw'}"
+                        report.setdefault("mmpt_images_per_s", {})[key] = rate
+                        report.setdefault("mmpt_data_share", {})[key] = share
+                        print(f"{size:>6}{precision:>11}{layout:>15}{rate:>12,.0f}{share:>11.1%}", flush=True)
 
-        print(f"\n2. fine-tuning {n_adapt} episodes at {big}px, 5-way 5-shot 10-query, {ft_steps} Adam steps")
-        torch.manual_seed(0)
-        backbone = build_backbone("resnet18", stem="imagenet").to(device)
-        eps = [e.to(device) for e in episodes(big, n_adapt)]
-        fine_tune_episodes(backbone, eps[:1], 1, 1e-3, [0], batched=False)
-        fine_tune_episodes(backbone, eps[:1], 1, 1e-3, [0], batched=True)
-        t_one, one = timed(lambda: fine_tune_episodes(backbone, eps, ft_steps, 1e-3, list(range(n_adapt)),
-                                                      batched=False), device)
-        reset_peak(device)
-        t_bat, bat = timed(lambda: fine_tune_episodes(backbone, eps, ft_steps, 1e-3, list(range(n_adapt)),
-                                                      batched=True), device)
-        diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(one, bat))
-        print(f"one by one: {60 * n_adapt / t_one:,.1f} episodes/min; vmapped: {60 * n_adapt / t_bat:,.1f} "
-              f"episodes/min ({t_one / t_bat:.2f}x, peak {peak_mib(device):,.0f} MiB); max |logit diff| {diff:.2e}")
-        report.update(finetune_episode_s=t_one / n_adapt, finetune_batched_episode_s=t_bat / n_adapt)
-
-        print(f"\n3. the other adaptation rules, {n_adapt} episodes at {big}px")
-        rules = {"linear": LinearProbe(), "knn": KNN(), "proto": Prototypes(),
-                 "lpft": LPFT(finetune=FineTune(steps=ft_steps)), "inner": MAMLInner(steps=2 if smoke else 32)}
-        for rule_name, rule in rules.items():
-            seconds, scores = timed(lambda r=rule: r.predict_many(backbone, eps, list(range(n_adapt))), device)
-            assert all(torch.isfinite(s).all() for s in scores), rule_name
-            print(f"{rule_name:<8}{seconds / n_adapt:>8.3f} s/episode")
-            report[f"{rule_name}_episode_s"] = seconds / n_adapt
-
-        print(f"\n4. MAML meta-steps at {big}px (4 episodes of up to 5-way, up to 5-shot, 10 queries, 4 inner steps)")
-        train = {n: MedMNISTTask(store, n, "train", size=big) for n in ("benchfive", "benchthree")}
-        meta_steps = 1 if smoke else 4
-        for order in ("first", "second"):
-            config = MAMLConfig(steps=meta_steps, max_shot=5, n_query=5 if smoke else 10,
-                                first_order=order == "first", inner_steps=1 if smoke else 4)
+        def finetune() -> None:
             torch.manual_seed(0)
-            net = build_backbone("resnet18", stem="imagenet")
-            reset_peak(device)
-            seconds, maml = timed(lambda: train_maml(net, train, config, device), device)
-            print(f"{order}-order: {seconds / meta_steps:.2f} s/meta-step, peak {peak_mib(device):,.0f} MiB")
-            report[f"maml_{order}_step_s"] = seconds / meta_steps
+            backbone = build_backbone("resnet18", stem="imagenet").to(device)
+            for size, count in ((28, 2),) if smoke else ((28, 25), (big, n_adapt)):
+                eps = [e.to(device) for e in episodes(size, count)]
+                seeds = list(range(count))
+                if size == big:
+                    state.update(backbone=backbone, eps=eps)
 
-        print("\n5. supervised training, one epoch at 28px")
-        torch.manual_seed(0)
-        model = Classifier(build_backbone("resnet18", stem="imagenet"), 5)
-        seconds, best = timed(lambda: train_supervised(
-            model, MedMNISTTask(store, "benchfive", "train", size=28), MedMNISTTask(store, "benchfive", "val", size=28),
-            SupervisedConfig(epochs=1, batch_size=mmpt_batch), device), device)
-        print(f"{seconds:.1f} s, validation AUROC {best['val_auroc']:.3f} (random labels: about 0.5)")
+                def run(steps: int, batched: bool) -> tuple[float, list]:
+                    return timed(lambda: fine_tune_episodes(backbone, eps, steps, 1e-3, seeds, batched=batched), device)
 
-    mmpt_rate_paper = rates[max(sizes), "bf16", True] if device.type == "cuda" else rates[max(sizes), "fp32", False]
-    projected = {"mm-PT 50k steps x 64": 50000 * 64 / mmpt_rate_paper,
-                 "MAML 20k second-order steps": 20000 * report["maml_second_step_s"],
-                 "adaptation 100 episodes x 3 fine-tuned methods": 300 * report["finetune_batched_episode_s"],
-                 "adaptation 100 episodes, MAML's inner loop": 100 * report["inner_episode_s"]}
-    print(f"\n6. projected paper profile for one target at {big}px (from the rates above)")
-    for what, seconds in projected.items():
-        print(f"{what:<48}{seconds / 3600:>8.2f} h")
-    print(f"{'total':<48}{sum(projected.values()) / 3600:>8.2f} h")
-    report["projected_hours"] = {k: v / 3600 for k, v in projected.items()}
+                def gap(a: list, b: list) -> float:
+                    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+
+                one_step = gap(run(1, False)[1], run(1, True)[1])
+                t_one, one = run(ft_steps, False)
+                again = gap(one, run(ft_steps, False)[1])
+                reset_peak(device)
+                t_bat, bat = run(ft_steps, True)
+                diff = gap(one, bat)
+                print(f"{size}px, {count} episodes: one by one {60 * count / t_one:,.1f} episodes/min; vmapped "
+                      f"{60 * count / t_bat:,.1f} episodes/min ({t_one / t_bat:.2f}x, peak {peak_mib(device):,.0f} MiB)")
+                print(f"    max |logit diff| vmapped vs one by one: {one_step:.1e} after 1 step, {diff:.1e} after "
+                      f"{ft_steps}; one by one run twice: {again:.1e}", flush=True)
+                if device.type == "cuda" and size == 28:
+                    torch.backends.cudnn.deterministic = True
+                    t_det, det = run(ft_steps, False)
+                    det_again = gap(det, run(ft_steps, False)[1])
+                    torch.backends.cudnn.deterministic = False
+                    print(f"    with cudnn.deterministic: one by one {60 * count / t_det:,.1f} episodes/min, run twice: "
+                          f"{det_again:.1e}", flush=True)
+                    report["finetune_deterministic_28px"] = {"episode_s": t_det / count, "max_logit_diff_repeat": det_again}
+                report.setdefault("finetune", {})[f"{size}px"] = {
+                    "episode_s": t_one / count, "batched_episode_s": t_bat / count, "batched_peak_mib": peak_mib(device),
+                    "max_logit_diff_1_step": one_step, "max_logit_diff": diff, "max_logit_diff_repeat": again}
+            report.update(finetune_episode_s=report["finetune"][f"{big}px"]["episode_s"],
+                          finetune_batched_episode_s=report["finetune"][f"{big}px"]["batched_episode_s"])
+
+        def rules() -> None:
+            if "backbone" not in state:
+                torch.manual_seed(0)
+                state.update(backbone=build_backbone("resnet18", stem="imagenet").to(device),
+                             eps=[e.to(device) for e in episodes(big, n_adapt)])
+            backbone, eps = state["backbone"], state["eps"]
+            every = {"linear": LinearProbe(), "knn": KNN(), "proto": Prototypes(),
+                     "lpft": LPFT(finetune=FineTune(steps=ft_steps)), "inner": MAMLInner(steps=2 if smoke else 32)}
+            for rule_name, rule in every.items():
+                seconds, scores = timed(lambda r=rule: r.predict_many(backbone, eps, list(range(n_adapt))), device)
+                assert all(torch.isfinite(s).all() for s in scores), rule_name
+                print(f"{rule_name:<8}{seconds / n_adapt:>8.3f} s/episode", flush=True)
+                report[f"{rule_name}_episode_s"] = seconds / n_adapt
+
+        def maml() -> None:
+            train = {n: MedMNISTTask(store, n, "train", size=big) for n in ("benchfive", "benchthree")}
+            meta_steps = 1 if smoke else 4
+            for order in ("first", "second"):
+                config = MAMLConfig(steps=meta_steps, max_shot=5, n_query=5 if smoke else 10,
+                                    first_order=order == "first", inner_steps=1 if smoke else 4)
+                torch.manual_seed(0)
+                net = build_backbone("resnet18", stem="imagenet")
+                reset_peak(device)
+                seconds, _ = timed(lambda: train_maml(net, train, config, device), device)
+                print(f"{order}-order: {seconds / meta_steps:.2f} s/meta-step, peak {peak_mib(device):,.0f} MiB",
+                      flush=True)
+                report[f"maml_{order}_step_s"] = seconds / meta_steps
+                report[f"maml_{order}_peak_mib"] = peak_mib(device)
+
+        def supervised() -> None:
+            torch.manual_seed(0)
+            model = Classifier(build_backbone("resnet18", stem="imagenet"), 5)
+            seconds, best = timed(lambda: train_supervised(
+                model, MedMNISTTask(store, "benchfive", "train", size=28),
+                MedMNISTTask(store, "benchfive", "val", size=28),
+                SupervisedConfig(epochs=1, batch_size=mmpt_batch), device), device)
+            print(f"{seconds:.1f} s, validation AUROC {best['val_auroc']:.3f} (random labels: about 0.5)")
+            report["supervised_epoch_s"] = seconds
+
+        sections.run(f"1. mm-PT (ResNet-18, ImageNet stem, batch {mmpt_batch})", mmpt)
+        sections.run(f"2. fine-tuning at 28 and {big}px, 5-way 5-shot 10-query, {ft_steps} Adam steps, one by one "
+                     "and vmapped", finetune)
+        sections.run(f"3. the other adaptation rules, {n_adapt} episodes at {big}px", rules)
+        sections.run(f"4. MAML meta-steps at {big}px (4 episodes of up to 5-way, up to 5-shot, 10 queries, "
+                     "4 inner steps)", maml)
+        sections.run("5. supervised training, one epoch at 28px", supervised)
+
+    def projection() -> None:
+        paper = (max(sizes), "bf16", True) if device.type == "cuda" else (max(sizes), "fp32", False)
+        projected = {"mm-PT 50k steps x 64": 50000 * 64 / rates[paper],
+                     "MAML 20k second-order steps": 20000 * report["maml_second_step_s"],
+                     "adaptation 100 episodes x 3 fine-tuned methods": 300 * report[
+                         "finetune_batched_episode_s" if device.type == "cuda" else "finetune_episode_s"],
+                     "adaptation 100 episodes, MAML's inner loop": 100 * report["inner_episode_s"]}
+        for what, seconds in projected.items():
+            print(f"{what:<48}{seconds / 3600:>8.2f} h")
+        print(f"{'total':<48}{sum(projected.values()) / 3600:>8.2f} h")
+        report["projected_hours"] = {k: v / 3600 for k, v in projected.items()}
+
+    sections.run(f"6. projected paper profile for one target at {big}px (from the rates above)", projection)
+    if report["errors"]:
+        print(f"\nfailed sections: {', '.join(report['errors'])}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
 
 

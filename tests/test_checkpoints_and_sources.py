@@ -116,3 +116,21 @@ def test_a_changed_training_config_trains_afresh_in_the_same_folder(synthetic: S
     assert len(runs) == 2
     configs = [torch.load(p / "checkpoint.pt", weights_only=False)["identity"]["lr"] for p in runs]
     assert sorted(configs) == [1e-4, 1e-3]
+
+
+def test_mmpt_logs_every_steps_loss_though_it_reads_them_from_the_device_in_groups(store: Store) -> None:
+    class Writer:
+        def __init__(self) -> None:
+            self.scalars: list[tuple[str, float, int]] = []
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            self.scalars.append((tag, value, step))
+
+    writer = Writer()
+    config = PretrainConfig(steps=30, batch_size=4, eval_every=30, val_max=8, bn_batches=1, checkpoint_every=30)
+    MultiTaskPretrainer(_backbone(), _sources(store, "train"), _sources(store, "val"), config, CPU,
+                        writer=writer).run()  # type: ignore[arg-type]
+    losses = [(tag, value, step) for tag, value, step in writer.scalars if tag.startswith("pretrain/loss/")]
+    assert [step for _, _, step in losses] == list(range(1, 31))
+    assert all(isinstance(v, float) and np.isfinite(v) and v > 0 for _, v, _ in losses)
+    assert {tag for tag, _, _ in losses} <= {"pretrain/loss/toychest", "pretrain/loss/toyclass"}

@@ -201,3 +201,13 @@ def test_frozen_features_use_batchnorm_statistics_of_the_support(net: nn.Module)
         torch.testing.assert_close(x, y)
     for k, v in skewed.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_episodes_are_vmapped_only_on_cuda_and_only_for_small_2d_images() -> None:
+    from medmeta.learning.finetune import default_batched
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_batched(cuda, torch.zeros(25, 3, 28, 28)) and default_batched(cuda, torch.zeros(2, 1, 64, 64))
+    assert not default_batched(cuda, torch.zeros(25, 3, 224, 224))
+    assert not default_batched(cuda, torch.zeros(10, 1, 28, 28, 28))
+    assert not default_batched(cpu, torch.zeros(25, 3, 28, 28))

@@ -80,6 +80,8 @@ def test_every_task_type_and_size(tmp_path: Path, synthetic: Synthetic) -> None:
     assert xb.shape == (3, 3, 64, 64)
     np.testing.assert_array_equal(_as_npz_layout(xb[1], 2), synthetic.arrays[("toyclass", 64)]["val_images"][2])
     assert torch.equal(xb[0], xb[2]) and yb.tolist() == synthetic.arrays[("toyclass", 64)]["val_labels"][[7, 2, 7], 0].tolist()
+    xd, yd = big.get_batch([7, 2, 7], device="cpu")  # a device is honoured, the values are the host path's
+    assert torch.equal(xd, xb) and torch.equal(yd, yb)
 
     vol = MedMNISTTask(store, "toyvolume", "test", transform=lambda v: v.flip(-1))
     xv, _ = vol[1]

@@ -8,6 +8,7 @@ identical with any number of workers.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -24,7 +25,7 @@ CHUNK_BYTES = 2 * 2**20
 
 class EpisodeSource(Protocol):
     """What samplers and loaders need from a dataset; ``MedMNISTTask`` provides it (any split,
-    or ``"all"``). ``get_batch(indices) -> (x, y)`` is optional: without it images are stacked
+    or ``"all"``). ``get_batch(indices[, device]) -> (x, y)`` is optional: without it images are stacked
     from items."""
 
     task: TaskDescription
@@ -50,11 +51,17 @@ def _find(table: dict[tuple[str, str], EpisodeSource], spec: EpisodeSpec) -> Epi
                          f"{sorted('/'.join(k) for k in table)}") from None
 
 
-def _images(dataset: EpisodeSource, indices: np.ndarray) -> torch.Tensor:
+def _images(dataset: EpisodeSource, indices: np.ndarray, device: Device, non_blocking: bool) -> torch.Tensor:
+    """Images for ``indices`` on ``device``; a ``get_batch`` that takes a device gets it (``MedMNISTTask``
+    then moves uint8 pixels to a GPU and converts them there)."""
     get_batch = getattr(dataset, "get_batch", None)
-    if get_batch is not None:
-        return get_batch(indices)[0]
-    return torch.stack([dataset[int(i)][0] for i in indices])
+    if get_batch is None:
+        x = torch.stack([dataset[int(i)][0] for i in indices])
+    elif device is not None and "device" in inspect.signature(get_batch).parameters:
+        return get_batch(indices, device=device)[0]
+    else:
+        x = get_batch(indices)[0]
+    return x if device is None else x.to(device, non_blocking=non_blocking)
 
 
 def _targets(task: TaskDescription, labels: np.ndarray, specs: Sequence[EpisodeSpec], rows: np.ndarray
@@ -86,14 +93,12 @@ def _gather(dataset: EpisodeSource, rows: np.ndarray, device: Device, non_blocki
     holds one piece at a time, so memory stays bounded for 224px episodes."""
     step = max(1, CHUNK_BYTES // _image_bytes(dataset.task))
     if len(rows) <= step:
-        x = _images(dataset, rows)
-        return x if device is None else x.to(device, non_blocking=non_blocking)
+        return _images(dataset, rows, device, non_blocking)
     out: torch.Tensor | None = None
     for a in range(0, len(rows), step):
-        piece = _images(dataset, rows[a:a + step])
+        piece = _images(dataset, rows[a:a + step], device, non_blocking)
         if out is None:
-            out = torch.empty((len(rows), *piece.shape[1:]), dtype=piece.dtype,
-                              device=piece.device if device is None else device)
+            out = torch.empty((len(rows), *piece.shape[1:]), dtype=piece.dtype, device=piece.device)
         out[a:a + len(piece)].copy_(piece, non_blocking=non_blocking)
     assert out is not None
     return out

@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..files import write_text_atomic
 from ..learning.models import Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
 from ..learning.pixels import pixel_baseline
-from ..learning.runtime import predict, resolve_device, to_device
+from ..learning.runtime import predict, resolve_device
 from ..learning.supervised import SupervisedConfig, train_supervised
 from ..methods import KNN, LinearProbe
 from ..settings import Settings, setting
@@ -187,7 +187,7 @@ class Baselines:
     def features(self, backbone: torch.nn.Module, ds: MedMNISTTask, batch: int = 256) -> torch.Tensor:
         out = []
         for start in range(0, len(ds), batch):
-            x, _ = to_device(*ds.get_batch(np.arange(start, min(start + batch, len(ds)))), self.device)
+            x, _ = ds.get_batch(np.arange(start, min(start + batch, len(ds))), self.device)
             out.append(backbone(x))
         return torch.cat(out)
 
@@ -196,7 +196,7 @@ class Baselines:
         train, val, test = (self.split(name, s) for s in ("train", "val", "test"))
         backbone = self.backbone(train.task.dims, None, seed).to(self.device)
         order = np.random.default_rng(seed).permutation(len(train))[:self.config.bn_batches * 256]
-        reestimate_batchnorm(backbone, (to_device(*train.get_batch(np.sort(order[i:i + 256])), self.device)[0]
+        reestimate_batchnorm(backbone, (train.get_batch(np.sort(order[i:i + 256]), self.device)[0]
                                         for i in range(0, len(order), 256)))
         backbone.eval()
         task_type = train.task.task_type

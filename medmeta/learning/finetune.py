@@ -229,14 +229,21 @@ def _fine_tune_chunk(backbone: nn.Module, episodes: Sequence[Episode], steps: in
         return list(vmap(predict)(params, buffers, qx))
 
 
-def default_batched(device: torch.device) -> bool:
-    """Whether ``fine_tune_episodes`` vmaps on this device: on CUDA only.
+BATCHED_MAX_PIXELS = 64 * 64
+"""Largest image (pixels per channel) whose episodes are vmapped on CUDA by default."""
 
-    Measured with benchmarks/adaptation.py on 2 CPU cores: CPU convolutions are already
-    compute-bound, so batching only adds copies and memory (about 0.5x the speed at 10x the
-    memory). On CUDA, vmapping turns many small kernel launches into few large ones.
+
+def default_batched(device: torch.device, images: Tensor) -> bool:
+    """Whether ``fine_tune_episodes`` vmaps episodes of these images on this device: on CUDA,
+    for 2D images up to 64x64.
+
+    Measured (benchmarks/gpu.py, docs/results/gpu/): on an H200, vmapping 25 episodes at 28px is
+    4.0-4.7x faster than one by one (small kernels: launches dominate), at 224px 0.70-0.76x (the
+    kernels are already large; vmap's grouped convolutions are slower). 64px is between the two
+    and unmeasured. On 2 CPU cores convolutions are compute-bound and batching only adds copies
+    and memory (about 0.5x the speed at 10x the memory).
     """
-    return device.type == "cuda"
+    return device.type == "cuda" and images.dim() == 4 and images.shape[-1] * images.shape[-2] <= BATCHED_MAX_PIXELS
 
 
 def fine_tune_episodes(backbone: nn.Module, episodes: Sequence[Episode], steps: int, lr: float,
@@ -250,7 +257,7 @@ def fine_tune_episodes(backbone: nn.Module, episodes: Sequence[Episode], steps: 
     if len(seeds) != len(episodes):
         raise ValueError(f"{len(seeds)} seeds for {len(episodes)} episodes")
     if batched is None:
-        batched = default_batched(device_dtype(backbone)[0]) and not bf16
+        batched = bool(episodes) and default_batched(device_dtype(backbone)[0], episodes[0].support_x) and not bf16
     if not batched:
         work = WorkingCopy(backbone)
         return [fine_tune(work, e, steps, lr, s, None if heads is None else heads[i], bf16)

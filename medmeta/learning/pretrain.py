@@ -45,7 +45,11 @@ from ..errors import ConfigError
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from .models import MultiHeadModel, batchnorm_restored, reestimate_batchnorm
-from .runtime import Precision, autocast, check_identity, check_steps, checkpoint_identity, evaluate_split, to_device
+from .runtime import Precision, autocast, check_identity, check_steps, checkpoint_identity, evaluate_split
+
+
+LOSS_READ_EVERY = 25
+"""Training losses are read from the device (for the progress bar and TensorBoard) this many steps at a time."""
 
 
 @dataclass
@@ -120,14 +124,15 @@ class MultiTaskPretrainer:
         self.cursors[task_id] = (order, pos + self.config.batch_size)
         return np.sort(batch)
 
-    def train_step(self) -> tuple[str, float]:
-        """One optimiser step on one batch of one task drawn by the sampling rule."""
+    def train_step(self) -> tuple[str, torch.Tensor]:
+        """One optimiser step on one batch of one task drawn by the sampling rule; returns the task
+        and the loss, detached on the device (reading it waits for the device)."""
         k = int(self.rng.choice(len(self.task_ids), p=self.probs))
         task_id = self.task_ids[k]
         ds = self.train[task_id]
         clock = time.perf_counter()
         indices = self._next_indices(task_id)
-        x, y = to_device(*ds.get_batch(indices[distributed.batch_slice(len(indices))]), self.device)
+        x, y = ds.get_batch(indices[distributed.batch_slice(len(indices))], self.device)
         if self.config.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         self.data_seconds += time.perf_counter() - clock
@@ -139,7 +144,7 @@ class MultiTaskPretrainer:
         loss.backward()
         self.opt.step()
         self.step += 1
-        return task_id, loss.item()
+        return task_id, loss.detach()
 
     def bn_batches(self, task_id: str) -> list[torch.Tensor]:
         """``bn_batches`` training batches of one task for its BatchNorm statistics at validation.
@@ -150,7 +155,7 @@ class MultiTaskPretrainer:
         ds, size = self.train[task_id], self.config.batch_size
         rng = np.random.default_rng([self.seed, self.step, zlib.crc32(task_id.encode())])
         order = rng.permutation(len(ds))[:self.config.bn_batches * size]
-        return [to_device(*ds.get_batch(np.sort(order[i:i + size])), self.device)[0]
+        return [ds.get_batch(np.sort(order[i:i + size]), self.device)[0]
                 for i in range(0, len(order), size)]
 
     def validate(self) -> dict[str, float]:
@@ -171,13 +176,26 @@ class MultiTaskPretrainer:
         """Train until ``steps`` or early stopping; return the backbone with the best validation AUROC."""
         cfg = self.config
         bar = tqdm(total=cfg.steps, initial=self.step, desc="mm-PT", unit="step", disable=not distributed.is_main())
+        losses: list[tuple[int, str, torch.Tensor]] = []
+
+        def log_losses() -> None:
+            """Read the pending losses in one device sync (a read per step would stall a GPU every step)."""
+            if not losses:
+                return
+            values = torch.stack([loss for _, _, loss in losses]).tolist()
+            if self.writer is not None:
+                for (step, task_id, _), value in zip(losses, values):
+                    self.writer.add_scalar(f"pretrain/loss/{task_id}", value, step)
+            bar.set_postfix(task=losses[-1][1].split("mnist")[0], loss=f"{values[-1]:.3f}", best=f"{self.best_score:.3f}")
+            losses.clear()
+
         clock = time.perf_counter()
         while self.step < cfg.steps and self.bad_evals < cfg.patience:
             task_id, loss = self.train_step()
             bar.update(1)
-            bar.set_postfix(task=task_id.split("mnist")[0], loss=f"{loss:.3f}", best=f"{self.best_score:.3f}")
-            if self.writer is not None:
-                self.writer.add_scalar(f"pretrain/loss/{task_id}", loss, self.step)
+            losses.append((self.step, task_id, loss))
+            if len(losses) == LOSS_READ_EVERY or self.step % cfg.eval_every == 0:
+                log_losses()
             if self.step % cfg.eval_every == 0:
                 self._evaluate()
             now = time.perf_counter()
@@ -187,6 +205,7 @@ class MultiTaskPretrainer:
                 self.save(self.checkpoint)
             if on_step is not None:
                 on_step(self.step)
+        log_losses()
         bar.close()
         if self.writer is not None and self.seconds > 0:
             self.writer.add_scalar("pretrain/data_share", self.data_seconds / self.seconds, self.step)

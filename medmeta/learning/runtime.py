@@ -58,13 +58,6 @@ def configure_threads(threads: int | None) -> str | None:
     return None
 
 
-def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch on ``device``: pinned and copied without blocking on CUDA."""
-    if device.type == "cuda":
-        x, y = x.pin_memory(), y.pin_memory()
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
 Precision = Literal["auto", "fp32", "bf16"]
 """Training precision: ``bf16`` autocast (mixed precision), ``fp32``, or ``auto``: bf16 on CUDA,
 fp32 on CPUs (where bf16 is fast only with AVX-512 BF16 or AMX; on AVX2 it is ~35x slower)."""
@@ -84,7 +77,7 @@ def predict(forward: Callable[[torch.Tensor], torch.Tensor], dataset: MedMNISTTa
     idx = np.arange(len(dataset)) if indices is None else indices
     logits, labels = [], []
     for start in range(0, len(idx), batch_size):
-        x, y = to_device(*dataset.get_batch(idx[start:start + batch_size]), device)
+        x, y = dataset.get_batch(idx[start:start + batch_size], device)
         with autocast(device, precision):
             logits.append(forward(x).float().cpu())
         labels.append(y.cpu())

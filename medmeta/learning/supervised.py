@@ -30,7 +30,7 @@ from ..data.tasks import MedMNISTTask
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from .models import train_mode
-from .runtime import Precision, autocast, check_identity, checkpoint_identity, predict, to_device
+from .runtime import Precision, autocast, check_identity, checkpoint_identity, predict
 
 
 @dataclass
@@ -116,7 +116,7 @@ class SupervisedTrainer:
         losses = []
         for start in range(0, len(order), cfg.batch_size):
             data_clock = time.perf_counter()
-            x, y = to_device(*self.train.get_batch(np.sort(order[start:start + cfg.batch_size])), self.device)
+            x, y = self.train.get_batch(np.sort(order[start:start + cfg.batch_size]), self.device)
             self.data_seconds += time.perf_counter() - data_clock
             with autocast(self.device, cfg.precision):
                 loss = task_type.loss(self.model(x).float(), y)
