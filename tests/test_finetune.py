@@ -211,3 +211,15 @@ def test_episodes_are_vmapped_only_on_cuda_and_only_for_small_2d_images() -> Non
     assert not default_batched(cuda, torch.zeros(25, 3, 224, 224))
     assert not default_batched(cuda, torch.zeros(10, 1, 28, 28, 28))
     assert not default_batched(cpu, torch.zeros(25, 3, 28, 28))
+
+
+def test_deterministic_cudnn_holds_inside_the_block_and_restores_the_setting() -> None:
+    from medmeta.learning.runtime import deterministic_cudnn
+
+    before = torch.backends.cudnn.deterministic
+    with deterministic_cudnn():
+        assert torch.backends.cudnn.deterministic
+    assert torch.backends.cudnn.deterministic == before
+    with pytest.raises(ZeroDivisionError), deterministic_cudnn():
+        1 / 0
+    assert torch.backends.cudnn.deterministic == before

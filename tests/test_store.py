@@ -232,3 +232,17 @@ def test_download_from_local_server(tmp_path: Path) -> None:
             store.build("toyvolume", 28)  # 404 on the server: says how to use local files
     finally:
         server.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.py checks it there too)")
+def test_batches_converted_on_the_gpu_equal_the_host_path(tmp_path: Path, synthetic: Synthetic) -> None:
+    store = Store(tmp_path / "root", synthetic.manifest)
+    for name, size in (("toyclass", 64), ("toybinary", 28), ("toyvolume", 28)):
+        store.build(name, size, source_dir=synthetic.source_dir, download=False)
+    for task in (MedMNISTTask(store, "toyclass", "val", size=64), MedMNISTTask(store, "toybinary", "train"),
+                 MedMNISTTask(store, "toyvolume", "test"),
+                 MedMNISTTask(store, "toybinary", "train", transform=lambda v: v.flip(-1))):
+        idx = np.arange(0, len(task), 2)
+        x_gpu, y_gpu = task.get_batch(idx, "cuda")
+        x, y = task.get_batch(idx)
+        assert x_gpu.device.type == "cuda" and torch.equal(x_gpu.cpu(), x) and torch.equal(y_gpu.cpu(), y)

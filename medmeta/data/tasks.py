@@ -205,12 +205,17 @@ class MedMNISTTask(Dataset):
             y = self.label_tensor(indices).pin_memory().to(device, non_blocking=True)
             # a device tensor, not a Python number: CUDA divides by a scalar as a multiplication by
             # its reciprocal, one ulp away from the host's division for some pixel values
-            return self._channels_first(raw.float().div_(torch.full((), 255.0, device=device)), raw.ndim), y
+            return self._channels_first(raw.float().div_(torch.full((), 255.0, dtype=torch.float32, device=device)),
+                                        raw.ndim), y
         x = self.to_tensor(self.raw_images(indices))
         if self.transform is not None:
             x = torch.stack([self.transform(img) for img in x])
         y = self.label_tensor(indices)
-        return (x, y) if device is None else (x.to(device), y.to(device))
+        if device is None or device.type == "cpu":
+            return x, y
+        if device.type == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.to_tensor(self.raw_images([index]))[0]

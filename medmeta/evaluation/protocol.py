@@ -38,7 +38,7 @@ from ..data.tasks import MedMNISTTask, find_task
 from ..episodes import EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
 from ..errors import ConfigError, EpisodeError, MethodError
 from ..files import locked, write_text_atomic
-from ..learning.runtime import NOT_TRAINING_KEYS, resolve_device
+from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device
 from ..methods import InitContext, Method, Sources
 from .config import ExperimentConfig, build_methods
 from .results import add_paired_differences, format_table, package_versions, plot_results, summarise, write_results
@@ -145,14 +145,14 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
 
     The rule sees each episode without its query labels. Episode i's seed is
     ``seed * SEED_STRIDE + i``, so a result is a pure function of the episode, the backbone and
-    the seed, whatever else runs.
+    the seed, whatever else runs (on CUDA with deterministic cuDNN kernels, see ``deterministic_cudnn``).
     """
     positions = range(len(target.episodes)) if episodes is None else episodes
     specs = [target.episodes[i] for i in distributed.shard(positions)]
     per_episode: list[dict[str, float]] = []
     stream = materialise(target.dataset, specs, device=device)
     with tqdm(total=len(specs), desc=desc or f"adapt {method.name}", unit="episode",
-              disable=not distributed.is_main()) as bar:
+              disable=not distributed.is_main()) as bar, deterministic_cudnn():
         for batch in _chunks(stream, chunk):
             scores = method.predict_many(backbone, [e.without_query_labels() for e in batch],
                                          [seed * SEED_STRIDE + e.index for e in batch])
@@ -220,12 +220,6 @@ class Protocol:
         if check_only:
             return
         self.device = resolve_device(self.config.device)
-        if self.device.type == "cuda":
-            # Each episode's result must be a pure function of the episode and the backbone. cuDNN's
-            # fastest backward kernels are not deterministic, and 50 Adam steps amplify that: on an
-            # H200 two runs of the same 28px episodes differed by up to 0.34 in a logit, and by 0
-            # with this, at 5% of the speed (docs/results/gpu/).
-            torch.backends.cudnn.deterministic = True
         distributed.init(self.device.type)
 
     def build_store(self) -> None:

@@ -202,6 +202,7 @@ class MultiTaskPretrainer:
             self.seconds += now - clock
             clock = now
             if self.checkpoint is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                log_losses()  # a resumed run starts after the checkpoint: its losses are logged by then
                 self.save(self.checkpoint)
             if on_step is not None:
                 on_step(self.step)
