@@ -328,7 +328,9 @@ def plot_table(path: Path, combined: dict[str, Any]) -> None:
                 continue
             d = "ref" if m == r["reference"] else (
                 "same" if r.get("auroc_identical") else f"{r.get('auroc_diff', 0):+.3f}±{r.get('auroc_diff_ci95', 0):.3f}")
-            ax.text(j, i, f"{r['auroc']:.3f}\n{d}", ha="center", va="center", fontsize=7)
+            strong = abs(diff[i, j]) > 0.6 * limit  # white text on the darkest cells
+            ax.text(j, i, f"{r['auroc']:.3f}\n{d}", ha="center", va="center", fontsize=7,
+                    color="white" if strong else "black")
     ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(targets)), targets, fontsize=8)
     fig.colorbar(image, ax=ax, label=f"Δ query AUROC vs {combined['reference']} (paired)")
