@@ -200,22 +200,27 @@ class MedMNISTTask(Dataset):
         those of the host path (one float32 division each).
         """
         device = None if device is None else torch.device(device)
-        if device is not None and device.type == "cuda" and self.transform is None:
-            raw = torch.from_numpy(self.raw_images(indices)).pin_memory().to(device, non_blocking=True)
-            y = self.label_tensor(indices).pin_memory().to(device, non_blocking=True)
-            # a device tensor, not a Python number: CUDA divides by a scalar as a multiplication by
-            # its reciprocal, one ulp away from the host's division for some pixel values
-            return self._channels_first(raw.float().div_(torch.full((), 255.0, dtype=torch.float32, device=device)),
-                                        raw.ndim), y
-        x = self.to_tensor(self.raw_images(indices))
-        if self.transform is not None:
-            x = torch.stack([self.transform(img) for img in x])
+        on_gpu = device is not None and device.type == "cuda"
+        convert_there = on_gpu and self.transform is None
+        raw = self.raw_images(indices)
+        if convert_there:
+            x = torch.from_numpy(raw)  # uint8 until it is on the device
+        else:
+            x = self.to_tensor(raw)
+            if self.transform is not None:
+                x = torch.stack([self.transform(img) for img in x])
         y = self.label_tensor(indices)
         if device is None or device.type == "cpu":
             return x, y
-        if device.type == "cuda":
+        if on_gpu:
             x, y = x.pin_memory(), y.pin_memory()
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if convert_there:
+            # a device tensor, not a Python number: CUDA divides by a scalar as a multiplication by
+            # its reciprocal, one ulp away from the host's division for some pixel values
+            x = self._channels_first(x.float().div_(torch.full((), 255.0, dtype=torch.float32, device=device)),
+                                     raw.ndim)
+        return x, y
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.to_tensor(self.raw_images([index]))[0]

@@ -194,9 +194,10 @@ class MultiTaskPretrainer:
             task_id, loss = self.train_step()
             bar.update(1)
             losses.append((self.step, task_id, loss))
-            if len(losses) == LOSS_READ_EVERY or self.step % cfg.eval_every == 0:
+            if len(losses) == LOSS_READ_EVERY:
                 log_losses()
             if self.step % cfg.eval_every == 0:
+                log_losses()
                 self._evaluate()
             now = time.perf_counter()
             self.seconds += now - clock
