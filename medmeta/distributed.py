@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 T = TypeVar("T")
 TIMEOUT_HOURS = 24
@@ -63,6 +64,18 @@ def local_rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def progress(**kwargs: Any) -> tqdm:
+    """A tqdm bar, shown by rank 0 only.
+
+    Other ranks pass ``disable=True``; rank 0 passes no ``disable`` at all, because tqdm reads
+    its own environment switches (``TQDM_DISABLE=1`` for batch logs) only for arguments not
+    given, and an explicit ``disable=False`` would override them.
+    """
+    if not is_main():
+        kwargs["disable"] = True
+    return tqdm(**kwargs)
 
 
 def barrier() -> None:

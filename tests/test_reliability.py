@@ -245,3 +245,31 @@ def test_results_record_the_total_training_time(store: Store, synthetic: Synthet
                            source_dir=str(synthetic.source_dir))
     log = next((tmp_path / "run" / "pretrained").glob("mmpt-*/training.json"))
     assert results["methods"]["mmpt"]["seconds"]["train"] == json.loads(log.read_text())["seconds"]
+
+
+@pytest.mark.parametrize("silenced", [False, True])
+def test_progress_bars_obey_tqdm_disable(synthetic: Synthetic, tmp_path: Path, silenced: bool) -> None:
+    """Batch logs (SLURM, nohup) set tqdm's own TQDM_DISABLE=1; the rank-0 rule must not override it.
+    tqdm reads the variable when it is imported, hence a fresh process."""
+    store = Store(tmp_path / "root", synthetic.manifest)
+    store.build("toyclass", 28, source_dir=synthetic.source_dir)
+    script = f"""
+import torch
+from medmeta.data.manifest import load_manifest
+from medmeta.data.store import Store
+from medmeta.data.tasks import MedMNISTTask
+from medmeta.episodes import EpisodeSampler
+from medmeta.evaluation.protocol import Target, evaluate_method
+from medmeta.learning.models import build_backbone
+from medmeta.methods import Method, Prototypes, Scratch
+store = Store({str(tmp_path / "root")!r}, load_manifest(base={str(synthetic.manifest_path)!r}))
+dataset = MedMNISTTask(store, "toyclass", "test")
+target = Target(dataset, EpisodeSampler(dataset, 2, 2, 2, n_episodes=2, seed=0).episode_set(), ())
+evaluate_method(Method(Scratch(), Prototypes()), build_backbone("resnet18"), target, seed=0, device=torch.device("cpu"))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    if silenced:
+        env["TQDM_DISABLE"] = "1"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert ("adapt scratch+proto" in done.stderr) is not silenced, done.stderr

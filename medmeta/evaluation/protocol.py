@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data.manifest import Manifest
@@ -151,8 +150,8 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
     specs = [target.episodes[i] for i in distributed.shard(positions)]
     per_episode: list[dict[str, float]] = []
     stream = materialise(target.dataset, specs, device=device)
-    with tqdm(total=len(specs), desc=desc or f"adapt {method.name}", unit="episode",
-              disable=not distributed.is_main()) as bar, deterministic_cudnn():
+    with distributed.progress(total=len(specs), desc=desc or f"adapt {method.name}", unit="episode") as bar, \
+            deterministic_cudnn():
         for batch in _chunks(stream, chunk):
             scores = method.predict_many(backbone, [e.without_query_labels() for e in batch],
                                          [seed * SEED_STRIDE + e.index for e in batch])

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data.manifest import Manifest, load_manifest
@@ -157,7 +156,7 @@ class Sweep:
     def _run_local(self, todo: list[Job]) -> None:
         start = time.perf_counter()
         done = len(self.jobs) - len(todo)
-        with tqdm(total=len(self.jobs), initial=done, desc="sweep", unit="job", disable=not distributed.is_main()) as bar:
+        with distributed.progress(total=len(self.jobs), initial=done, desc="sweep", unit="job") as bar:
             for i, job in enumerate(todo):
                 bar.set_postfix_str(f"running {job.name}, {len(todo) - i - 1} left after it")
                 run_job(*self.arguments(job))
@@ -203,7 +202,7 @@ class Sweep:
         if not wait:
             print("sweep: not waiting; run the same command again to collect the table")
             return False
-        with tqdm(total=len(self.jobs), initial=len(self.jobs) - len(todo), desc="sweep", unit="job") as bar:
+        with distributed.progress(total=len(self.jobs), initial=len(self.jobs) - len(todo), desc="sweep", unit="job") as bar:
             remaining = dict(handles)
             while remaining:
                 finished = [j for j, h in remaining.items() if h.done()]

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data.tasks import MedMNISTTask
@@ -261,7 +260,7 @@ def train_maml(backbone: nn.Module, train: Mapping[str, MedMNISTTask], config: M
         step = state["step"]
     writer = writer if distributed.is_main() else None
     mine = distributed.shard(range(config.meta_batch))  # under torchrun, this rank's episodes of each meta-batch
-    with tqdm(total=config.steps, initial=step, desc="MAML", unit="meta-step", disable=not distributed.is_main()) as bar:
+    with distributed.progress(total=config.steps, initial=step, desc="MAML", unit="meta-step") as bar:
         while step < config.steps:
             clock = time.perf_counter()
             loss = maml.meta_step([sampler.episode(step * config.meta_batch + j) for j in mine],

@@ -36,7 +36,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
 from .. import distributed
 from ..data.tasks import MedMNISTTask
@@ -175,7 +174,7 @@ class MultiTaskPretrainer:
     def run(self, on_step: Callable[[int], None] | None = None) -> nn.Module:
         """Train until ``steps`` or early stopping; return the backbone with the best validation AUROC."""
         cfg = self.config
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="mm-PT", unit="step", disable=not distributed.is_main())
+        bar = distributed.progress(total=cfg.steps, initial=self.step, desc="mm-PT", unit="step")
         losses: list[tuple[int, str, torch.Tensor]] = []
 
         def log_losses() -> None:

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data.tasks import MedMNISTTask
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
@@ -94,7 +94,8 @@ class SupervisedTrainer:
         """Train until the last epoch or early stopping; load the selected epoch's weights; return
         its validation scores, the history and the times."""
         cfg = self.config
-        with tqdm(total=cfg.epochs, initial=self.epoch, desc=f"train {self.train.task.task_id}", unit="epoch") as bar:
+        with distributed.progress(total=cfg.epochs, initial=self.epoch, desc=f"train {self.train.task.task_id}",
+                                  unit="epoch") as bar:
             while self.epoch < cfg.epochs and (cfg.patience is None or self.bad_epochs < cfg.patience):
                 self._epoch()
                 bar.update(1)
