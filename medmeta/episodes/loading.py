@@ -19,8 +19,10 @@ from ..data.tasks import TaskDescription
 from ..errors import EpisodeError
 from .episode import Device, Episode, EpisodeSpec
 
-CHUNK_BYTES = 2 * 2**20
-"""Float bytes of images gathered at once; small enough to stay in cache."""
+CHUNK_BYTES = 3 * 2**20
+"""Float bytes of images gathered at once: several 28px episodes share one gather and one
+conversion (per-gather overhead was a third of an RGB episode's cost at 2 MiB), and a piece
+stays well inside the last-level cache. Tuned with benchmarks/episodes.py (2, 3, 4 MiB)."""
 
 
 class EpisodeSource(Protocol):
