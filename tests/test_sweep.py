@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(**overrides):
-    return tiny_config(sources="available", methods=["scratch", "scratch+proto", "mmpt"],
-                       **{"episodes.min_class_samples": None, "episodes.queries": 2, "episodes.count": 2, **overrides})
+    return tiny_config(**{"sources": "available", "methods": ["scratch", "scratch+proto", "mmpt"],
+                          "episodes.min_class_samples": None, "episodes.queries": 2, "episodes.count": 2, **overrides})
 
 
 def _sweep(synthetic: Synthetic, tmp_path: Path, **kw) -> Sweep:
@@ -70,6 +70,41 @@ def test_a_killed_sweep_rerun_redoes_nothing_finished(synthetic: Synthetic, tmp_
     # Targets with identical sources and settings share pretraining: toyclass and toyordinal have
     # different sources, so there is one mm-PT run per (target, seed).
     assert len(list((tmp_path / "sweep" / "pretrained").glob("mmpt-*"))) == 4
+
+
+def test_a_method_killed_mid_episodes_resumes_from_its_last_chunk(synthetic: Synthetic, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long 3D adaptations run for an hour a method on a CPU: a kill must not lose the episodes
+    already scored, and the resumed result must equal an uninterrupted run's."""
+    from medmeta.evaluation import run_protocol
+    from medmeta.methods.base import Method
+
+    config = _config(target="toyclass", methods=["scratch"], **{"episodes.count": 6, "episodes.chunk": 2})
+    where = {"root": str(tmp_path / "root"), "source_dir": str(synthetic.source_dir), "manifest": synthetic.manifest}
+    whole = run_protocol(config, tmp_path / "whole", **where)["methods"]["scratch"]["per_episode"]
+
+    adapted: list[int] = []
+    kill = [True]
+    real = Method.predict_many
+
+    def counting(self, backbone, episodes, seeds):
+        if kill[0] and len(adapted) == 4:  # two chunks of two scored and saved, the third is killed
+            raise Killed
+        adapted.extend(e.index for e in episodes)
+        return real(self, backbone, episodes, seeds)
+
+    monkeypatch.setattr(Method, "predict_many", counting)
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        run_protocol(config, out, **where)
+    partial = json.loads((out / "methods" / "scratch.partial.json").read_text())
+    assert [e["episode"] for e in partial["per_episode"]] == [0, 1, 2, 3]
+    adapted.clear()
+    kill[0] = False
+    resumed = run_protocol(config, out, **where)["methods"]["scratch"]["per_episode"]
+    assert adapted == [4, 5]  # only the episodes the kill left
+    assert resumed == whole
+    assert not (out / "methods" / "scratch.partial.json").exists()
 
 
 def test_submit_and_collect_with_submitits_local_executor(synthetic: Synthetic, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
@@ -132,29 +132,33 @@ def prepare_target(store: Store, config: ExperimentConfig, out: Path) -> tuple[E
     return config, Target(dataset, stored, sampler.dropped)
 
 
-def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
-    while batch := list(islice(items, size)):
-        yield batch
-
-
 def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: int, device: torch.device,
-                    chunk: int = 10, episodes: Sequence[int] | None = None, desc: str | None = None
-                    ) -> list[dict[str, float]]:
+                    chunk: int = 10, episodes: Sequence[int] | None = None, desc: str | None = None,
+                    done: Sequence[dict[str, float]] = (),
+                    on_chunk: Callable[[list[dict[str, float]]], None] | None = None) -> list[dict[str, float]]:
     """Adapt to every episode (or those at the given positions of the set) and score its query set.
 
     The rule sees each episode without its query labels. Episode i's seed is
     ``seed * SEED_STRIDE + i``, so a result is a pure function of the episode, the backbone and
     the seed, whatever else runs (on CUDA with deterministic cuDNN kernels, see ``deterministic_cudnn``).
+    That is what makes resuming exact: ``done`` holds results already scored (by an interrupted
+    run), which are kept and not redone; ``on_chunk`` is called on rank 0 after every chunk with
+    all results so far, every rank's, for saving. Ranks score their chunks in lockstep.
     """
-    positions = range(len(target.episodes)) if episodes is None else episodes
+    finished = {int(r["episode"]): r for r in done}
+    positions = [p for p in (range(len(target.episodes)) if episodes is None else episodes)
+                 if target.episodes[p].index not in finished]
     specs = [target.episodes[i] for i in distributed.shard(positions)]
-    per_episode: list[dict[str, float]] = []
+    rounds = -(-len(positions) // (distributed.world_size() * chunk)) if positions else 0
+    per_episode: list[dict[str, float]] = list(finished.values())
     stream = materialise(target.dataset, specs, device=device)
-    with distributed.progress(total=len(specs), desc=desc or f"adapt {method.name}", unit="episode") as bar, \
+    with distributed.progress(total=len(positions), desc=desc or f"adapt {method.name}", unit="episode") as bar, \
             deterministic_cudnn():
-        for batch in _chunks(stream, chunk):
+        for _ in range(rounds):
+            batch = list(islice(stream, chunk))
             scores = method.predict_many(backbone, [e.without_query_labels() for e in batch],
-                                         [seed * SEED_STRIDE + e.index for e in batch])
+                                         [seed * SEED_STRIDE + e.index for e in batch]) if batch else []
+            mine = []
             for e, s in zip(batch, scores):
                 want = (len(e.query_x), e.num_outputs)
                 if tuple(s.shape) != want:
@@ -164,10 +168,14 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
                     raise MethodError(f"method {method.name} returned NaN or infinite scores for episode {e.index} "
                                       "(a diverging fine-tune? try a lower learning rate)")
                 assert e.query_y is not None
-                per_episode.append({"episode": e.index, **e.task_type.evaluate(e.query_y.cpu(), s.float().cpu())})
-            bar.update(len(batch))
+                mine.append({"episode": e.index, **e.task_type.evaluate(e.query_y.cpu(), s.float().cpu())})
+            new = distributed.gather(mine)
+            per_episode.extend(new)
+            if on_chunk is not None and distributed.is_main():
+                on_chunk(sorted(per_episode, key=lambda e: e["episode"]))
+            bar.update(len(new))
             bar.set_postfix(auroc=f"{summarise(per_episode)['auroc']:.3f}")
-    return sorted(distributed.gather(per_episode), key=lambda e: e["episode"])
+    return sorted(per_episode, key=lambda e: e["episode"])
 
 
 def _without_training_keys(obj: Any) -> Any:
@@ -318,9 +326,14 @@ class Protocol:
                 return cached["result"]
         start = time.perf_counter()
         backbone, train_seconds = self.backbone(method, writer)
+        # Episodes scored before an interruption (same key) are kept: a killed run redoes at most a chunk.
+        partial = cache.with_name(cache.stem + ".partial.json")
+        saved = json.loads(partial.read_text()) if partial.is_file() else {}
         adapt_start = time.perf_counter()
-        per_episode = evaluate_method(method, backbone, target, self.config.seed, self.device,
-                                      self.config.episodes.chunk)
+        per_episode = evaluate_method(
+            method, backbone, target, self.config.seed, self.device, self.config.episodes.chunk,
+            done=saved.get("per_episode", []) if saved.get("key") == key else [],
+            on_chunk=lambda so_far: write_text_atomic(partial, json.dumps({"key": key, "per_episode": so_far})))
         done = time.perf_counter()
         if writer is not None:
             for e in per_episode:
@@ -329,6 +342,7 @@ class Protocol:
                   "seconds": {"train": train_seconds, "adapt": done - adapt_start, "total": done - start}}
         if distributed.is_main():
             write_text_atomic(cache, json.dumps({"key": key, "result": result}, default=str))
+            partial.unlink(missing_ok=True)
         return result
 
 
