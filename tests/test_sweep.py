@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from medmeta.evaluation import protocol as protocol_module
 from medmeta.evaluation.sweep import Sweep
+from medmeta.learning.models import build_backbone
 
 from .conftest import Synthetic, tiny_config
 
@@ -97,14 +99,23 @@ def test_a_method_killed_mid_episodes_resumes_from_its_last_chunk(synthetic: Syn
     out = tmp_path / "killed"
     with pytest.raises(Killed):
         run_protocol(config, out, **where)
-    partial = json.loads((out / "methods" / "scratch.partial.json").read_text())
+    partial = json.loads((out / "methods" / "partial" / "scratch.json").read_text())
     assert [e["episode"] for e in partial["per_episode"]] == [0, 1, 2, 3]
     adapted.clear()
     kill[0] = False
     resumed = run_protocol(config, out, **where)["methods"]["scratch"]["per_episode"]
     assert adapted == [4, 5]  # only the episodes the kill left
     assert resumed == whole
-    assert not (out / "methods" / "scratch.partial.json").exists()
+    assert not (out / "methods" / "partial" / "scratch.json").exists()
+    # Results handed back as done are kept only for the episodes asked for, and not adapted again.
+    from medmeta.evaluation.protocol import Protocol, evaluate_method, prepare_target
+
+    protocol = Protocol(config, out, **where)
+    _, target = prepare_target(protocol.store, protocol.config, out)
+    adapted.clear()
+    some = evaluate_method(protocol.methods[0], build_backbone("resnet18"), target, 0, torch.device("cpu"),
+                           episodes=[1, 4], done=whole)
+    assert some == [whole[1], whole[4]] and adapted == []
 
 
 def test_submit_and_collect_with_submitits_local_executor(synthetic: Synthetic, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from .. import distributed
 from ..data.manifest import Manifest
 from ..data.store import Store
 from ..data.tasks import MedMNISTTask, find_task
-from ..episodes import EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
+from ..episodes import Episode, EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
 from ..errors import ConfigError, EpisodeError, MethodError
 from ..files import locked, write_text_atomic
 from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device
@@ -132,6 +133,24 @@ def prepare_target(store: Store, config: ExperimentConfig, out: Path) -> tuple[E
     return config, Target(dataset, stored, sampler.dropped)
 
 
+def _score(method: Method, backbone: nn.Module, batch: list[Episode], seed: int) -> list[dict[str, float]]:
+    """Adapt to each episode of ``batch`` (query labels hidden) and score its query set."""
+    scores = method.predict_many(backbone, [e.without_query_labels() for e in batch],
+                                 [seed * SEED_STRIDE + e.index for e in batch]) if batch else []
+    results = []
+    for e, s in zip(batch, scores):
+        want = (len(e.query_x), e.num_outputs)
+        if tuple(s.shape) != want:
+            raise MethodError(f"method {method.name} returned scores shaped {tuple(s.shape)} for episode "
+                              f"{e.index}; expected (n_query, num_outputs) = {want}")
+        if not torch.isfinite(s).all():
+            raise MethodError(f"method {method.name} returned NaN or infinite scores for episode {e.index} "
+                              "(a diverging fine-tune? try a lower learning rate)")
+        assert e.query_y is not None
+        results.append({"episode": e.index, **e.task_type.evaluate(e.query_y.cpu(), s.float().cpu())})
+    return results
+
+
 def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: int, device: torch.device,
                     chunk: int = 10, episodes: Sequence[int] | None = None, desc: str | None = None,
                     done: Sequence[dict[str, float]] = (),
@@ -142,39 +161,44 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
     ``seed * SEED_STRIDE + i``, so a result is a pure function of the episode, the backbone and
     the seed, whatever else runs (on CUDA with deterministic cuDNN kernels, see ``deterministic_cudnn``).
     That is what makes resuming exact: ``done`` holds results already scored (by an interrupted
-    run), which are kept and not redone; ``on_chunk`` is called on rank 0 after every chunk with
-    all results so far, every rank's, for saving. Ranks score their chunks in lockstep.
+    run; every rank must pass the same), which are kept and not redone; ``on_chunk`` is called on
+    rank 0 after every chunk with all results so far, every rank's, for saving.
+
+    Ranks score their chunks in lockstep and gather after each; a failure on any rank (in a
+    method, or in rank 0's ``on_chunk``) is raised on every rank at the next gather instead of
+    leaving the others waiting.
     """
-    finished = {int(r["episode"]): r for r in done}
-    positions = [p for p in (range(len(target.episodes)) if episodes is None else episodes)
-                 if target.episodes[p].index not in finished]
-    specs = [target.episodes[i] for i in distributed.shard(positions)]
-    rounds = -(-len(positions) // (distributed.world_size() * chunk)) if positions else 0
-    per_episode: list[dict[str, float]] = list(finished.values())
-    stream = materialise(target.dataset, specs, device=device)
-    with distributed.progress(total=len(positions), desc=desc or f"adapt {method.name}", unit="episode") as bar, \
-            deterministic_cudnn():
-        for _ in range(rounds):
-            batch = list(islice(stream, chunk))
-            scores = method.predict_many(backbone, [e.without_query_labels() for e in batch],
-                                         [seed * SEED_STRIDE + e.index for e in batch]) if batch else []
-            mine = []
-            for e, s in zip(batch, scores):
-                want = (len(e.query_x), e.num_outputs)
-                if tuple(s.shape) != want:
-                    raise MethodError(f"method {method.name} returned scores shaped {tuple(s.shape)} for episode "
-                                      f"{e.index}; expected (n_query, num_outputs) = {want}")
-                if not torch.isfinite(s).all():
-                    raise MethodError(f"method {method.name} returned NaN or infinite scores for episode {e.index} "
-                                      "(a diverging fine-tune? try a lower learning rate)")
-                assert e.query_y is not None
-                mine.append({"episode": e.index, **e.task_type.evaluate(e.query_y.cpu(), s.float().cpu())})
-            new = distributed.gather(mine)
+    wanted = list(range(len(target.episodes)) if episodes is None else episodes)
+    indices = {target.episodes[p].index for p in wanted}
+    per_episode = [r for r in done if int(r["episode"]) in indices]
+    finished = {int(r["episode"]) for r in per_episode}
+    positions = [p for p in wanted if target.episodes[p].index not in finished]
+    stream = materialise(target.dataset, [target.episodes[i] for i in distributed.shard(positions)], device=device)
+    rounds = -(-len(positions) // (distributed.world_size() * chunk))
+    with distributed.progress(total=len(wanted), initial=len(finished), desc=desc or f"adapt {method.name}",
+                              unit="episode") as bar, deterministic_cudnn():
+        for r in range(rounds + 1):  # the last round only saves the last chunk and reports failures
+            mine: list[dict[str, float]] = []
+            failure: BaseException | None = None
+            try:
+                if r > 0 and on_chunk is not None and distributed.is_main():
+                    on_chunk(sorted(per_episode, key=lambda e: e["episode"]))
+                if r < rounds:
+                    mine = _score(method, backbone, list(islice(stream, chunk)), seed)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                failure = exc
+            gathered = distributed.gather([(None if failure is None else f"{type(failure).__name__}: {failure}",
+                                            mine)])
+            if failure is not None:
+                raise failure
+            elsewhere = [f for f, _ in gathered if f is not None]
+            if elsewhere:
+                raise MethodError(f"another process failed while adapting {method.name}: {elsewhere[0]}")
+            new = [x for _, part in gathered for x in part]
             per_episode.extend(new)
-            if on_chunk is not None and distributed.is_main():
-                on_chunk(sorted(per_episode, key=lambda e: e["episode"]))
-            bar.update(len(new))
-            bar.set_postfix(auroc=f"{summarise(per_episode)['auroc']:.3f}")
+            if new:
+                bar.update(len(new))
+                bar.set_postfix(auroc=f"{summarise(per_episode)['auroc']:.3f}")
     return sorted(per_episode, key=lambda e: e["episode"])
 
 
@@ -327,23 +351,40 @@ class Protocol:
         start = time.perf_counter()
         backbone, train_seconds = self.backbone(method, writer)
         # Episodes scored before an interruption (same key) are kept: a killed run redoes at most a chunk.
-        partial = cache.with_name(cache.stem + ".partial.json")
-        saved = json.loads(partial.read_text()) if partial.is_file() else {}
+        partial = cache.parent / "partial" / cache.name
+        saved = distributed.broadcast(_read_partial(partial, key) if distributed.is_main() else {})
         adapt_start = time.perf_counter()
-        per_episode = evaluate_method(
-            method, backbone, target, self.config.seed, self.device, self.config.episodes.chunk,
-            done=saved.get("per_episode", []) if saved.get("key") == key else [],
-            on_chunk=lambda so_far: write_text_atomic(partial, json.dumps({"key": key, "per_episode": so_far})))
+        earlier = saved.get("adapt_seconds", 0.0)
+
+        def save(so_far: list[dict[str, float]]) -> None:
+            seconds = earlier + time.perf_counter() - adapt_start
+            write_text_atomic(partial, json.dumps({"key": key, "per_episode": so_far, "adapt_seconds": seconds}))
+
+        per_episode = evaluate_method(method, backbone, target, self.config.seed, self.device,
+                                      self.config.episodes.chunk, done=saved.get("per_episode", []), on_chunk=save)
         done = time.perf_counter()
         if writer is not None:
             for e in per_episode:
                 writer.add_scalar(f"adapt/{_safe(method.name)}/auroc", e["auroc"], e["episode"])
         result = {"summary": summarise(per_episode), "per_episode": per_episode, "settings": method.settings(),
-                  "seconds": {"train": train_seconds, "adapt": done - adapt_start, "total": done - start}}
+                  "seconds": {"train": train_seconds, "adapt": earlier + done - adapt_start,  # every run's
+                              "total": earlier + done - start}}
         if distributed.is_main():
             write_text_atomic(cache, json.dumps({"key": key, "result": result}, default=str))
             partial.unlink(missing_ok=True)
         return result
+
+
+def _read_partial(path: Path, key: str) -> dict[str, Any]:
+    """The episodes an interrupted run scored, if it ran with this key (else nothing to reuse)."""
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        warnings.warn(f"{path} is not readable JSON; its episodes are adapted again", stacklevel=2)
+        return {}
+    return saved if isinstance(saved, dict) and saved.get("key") == key else {}
 
 
 def run_protocol(config: ExperimentConfig, out: str | Path, methods: Sequence[Method] | None = None,
