@@ -139,6 +139,49 @@ def _cdfsl(args: list[str], out: Path, nproc: int) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def test_a_failure_on_one_rank_stops_every_rank(synthetic: Synthetic, tmp_path: Path) -> None:
+    """A method failing on rank 1 ends rank 0 too, at the next gather, with the error named: rank 0
+    does not sit in the collective until a launcher kills it (torchrun's agent does; a SLURM step
+    or a hand-made process group need not, and the timeout is 24 hours)."""
+    from medmeta.data.store import Store
+
+    store = Store(tmp_path / "root", synthetic.manifest)
+    store.build("toyclass", 28, source_dir=synthetic.source_dir)
+    script = tmp_path / "fail.py"
+    script.write_text(f"""
+import torch
+from medmeta import distributed
+from medmeta.data.manifest import load_manifest
+from medmeta.data.store import Store
+from medmeta.data.tasks import MedMNISTTask
+from medmeta.episodes import EpisodeSampler
+from medmeta.evaluation.protocol import Target, evaluate_method
+from medmeta.learning.models import build_backbone
+from medmeta.methods import Method, Prototypes, Scratch
+
+class BreaksOnRank1(Prototypes):
+    def scores(self, support, support_y, query, episode):
+        if distributed.rank() == 1:
+            raise RuntimeError("rank 1 broke")
+        return super().scores(support, support_y, query, episode)
+
+distributed.init("cpu")
+store = Store({str(tmp_path / "root")!r}, load_manifest(base={str(synthetic.manifest_path)!r}))
+dataset = MedMNISTTask(store, "toyclass", "test")
+target = Target(dataset, EpisodeSampler(dataset, 2, 2, 2, n_episodes=8, seed=0).episode_set(), ())
+torch.manual_seed(0)
+evaluate_method(Method(Scratch(), BreaksOnRank1()), build_backbone("resnet18"), target, 0, torch.device("cpu"),
+                chunk=2)
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "RuntimeError: rank 1 broke" in out  # rank 1's own error, with its traceback
+    assert "MethodError: another process failed while adapting scratch+proto: RuntimeError: rank 1 broke" in out
+
+
 def test_torchrun_two_processes_match_one(synthetic: Synthetic, tmp_path: Path) -> None:
     args = ["--target", "toyclass", "--methods", "scratch,scratch+proto,maml,mmpt", "--config", "smoke",
             "--device", "cpu", "--sources", "available", "--manifest", str(synthetic.manifest_path),
