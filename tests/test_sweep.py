@@ -118,6 +118,34 @@ def test_a_method_killed_mid_episodes_resumes_from_its_last_chunk(synthetic: Syn
     assert some == [whole[1], whole[4]] and adapted == []
 
 
+def test_bf16_training_is_never_reused_for_an_fp32_run(synthetic: Synthetic, tmp_path: Path) -> None:
+    """``precision: auto`` trains mm-PT in bf16 on CUDA and in fp32 on CPUs: a pretrained folder
+    or result copied from a GPU run must not be taken for a CPU run's, while fp32 caches keep
+    their names (the CPU tables' folders stay valid)."""
+    from medmeta.evaluation.protocol import Protocol, init_folder, prepare_target
+
+    def keys(**overrides) -> dict[str, tuple[str, str]]:
+        config = _config(target="toyclass", methods=["mmpt"], **overrides)
+        protocol = Protocol(config, tmp_path / "out", root=str(tmp_path / "root"),
+                            source_dir=str(synthetic.source_dir), manifest=synthetic.manifest)
+        protocol.build_store()
+        _, target = prepare_target(protocol.store, protocol.config, tmp_path / "out")
+        found = {}
+        for device in ("cpu", "cuda"):
+            protocol.device = torch.device(device)
+            method = protocol.methods[0]
+            found[device] = (init_folder(protocol.pretrained, method, protocol.config, protocol.dims,
+                                         protocol.sources, protocol.device).name, protocol.cache_key(method, target))
+        return found
+
+    auto = keys()
+    assert auto["cpu"][0] != auto["cuda"][0] and auto["cpu"][1] != auto["cuda"][1]
+    for fixed in ("fp32", "bf16"):  # an explicit precision means the same on every device
+        same = keys(**{"pretrain.precision": fixed})
+        assert same["cpu"] == same["cuda"]
+    assert keys(**{"pretrain.precision": "fp32"})["cpu"] != auto["cuda"]
+
+
 def test_submit_and_collect_with_submitits_local_executor(synthetic: Synthetic, tmp_path: Path) -> None:
     sweep = Sweep(_config(), ["toyclass"], [0], tmp_path / "sweep", root=str(tmp_path / "root"),
                   source_dir=str(synthetic.source_dir), manifests=(str(synthetic.manifest_path),))

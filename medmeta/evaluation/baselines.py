@@ -41,7 +41,7 @@ from ..errors import ConfigError
 from ..files import write_text_atomic
 from ..learning.models import Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
 from ..learning.pixels import pixel_baseline
-from ..learning.runtime import predict, resolve_device
+from ..learning.runtime import predict, resolve_device, resolved_precision
 from ..learning.supervised import SupervisedConfig, train_supervised
 from ..methods import KNN, LinearProbe
 from ..settings import Settings, setting
@@ -147,7 +147,7 @@ class Baselines:
                  **({"train": c.train.to_dict()} if scheme == "end2end" else {}),
                  **({"rule": getattr(c, scheme).to_dict(), "bn_batches": c.bn_batches} if scheme in ("linear", "knn")
                     else {})}
-        key = stable_hash(parts)
+        key = stable_hash({**parts, **resolved_precision(parts, self.device)})
         cache = folder / "result.json"
         if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
             return json.loads(cache.read_text())["result"]

@@ -38,7 +38,7 @@ from ..data.tasks import MedMNISTTask, find_task
 from ..episodes import Episode, EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
 from ..errors import ConfigError, EpisodeError, MethodError
 from ..files import locked, write_text_atomic
-from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device
+from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device, resolved_precision
 from ..methods import InitContext, Method, Sources
 from .config import ExperimentConfig, build_methods
 from .results import add_paired_differences, format_table, package_versions, plot_results, summarise, write_results
@@ -208,11 +208,13 @@ def _without_training_keys(obj: Any) -> Any:
     return obj
 
 
-def init_folder(pretrained: Path, method: Method, config: ExperimentConfig, dims: int, sources: list[str]) -> Path:
+def init_folder(pretrained: Path, method: Method, config: ExperimentConfig, dims: int, sources: list[str],
+                device: torch.device) -> Path:
     """Where an initialisation keeps its training: named by everything the training depends on."""
     settings = method.init.settings()
     identity = {"init": _without_training_keys(settings), "model": config.model.to_dict(), "size": config.size,
-                "dims": dims, "sources": sources if method.needs_sources else [], "seed": config.seed}
+                "dims": dims, "sources": sources if method.needs_sources else [], "seed": config.seed,
+                **resolved_precision(settings, device)}
     return pretrained / f"{settings['name']}-{stable_hash(identity)}"
 
 
@@ -274,7 +276,8 @@ class Protocol:
         key: dict[str, Any] = {
             "method": method.settings(), "model": c.model.to_dict(), "size": c.size, "seed": c.seed,
             "sources": self.sources if method.needs_sources else [],
-            "episodes": [episodes.task_id, episodes.seed, episodes.sampler, len(episodes), episodes.labels_crc32]}
+            "episodes": [episodes.task_id, episodes.seed, episodes.sampler, len(episodes), episodes.labels_crc32],
+            **resolved_precision(method.settings(), self.device)}
         if c.episodes.file:
             key["episode_indices"] = stable_hash([s.indices.tolist() for s in episodes])
         stats = [(f, Path(f).stat()) for f in (c.model.imagenet_weights, c.checkpoint) if f and Path(f).is_file()]
@@ -285,7 +288,7 @@ class Protocol:
     def backbone(self, method: Method, writer: SummaryWriter | None) -> tuple[nn.Module, float]:
         """The method's starting backbone and its training seconds (all sessions, if it resumed);
         built once per initialisation folder in this run."""
-        folder = init_folder(self.pretrained, method, self.config, self.dims, self.sources)
+        folder = init_folder(self.pretrained, method, self.config, self.dims, self.sources, self.device)
         if folder not in self._backbones:
             start = time.perf_counter()
             context = InitContext(self.dims, self.config.size, self.config.model, self.config.seed, self.device,

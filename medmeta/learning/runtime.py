@@ -81,10 +81,29 @@ Precision = Literal["auto", "fp32", "bf16"]
 fp32 on CPUs (where bf16 is fast only with AVX-512 BF16 or AMX; on AVX2 it is ~35x slower)."""
 
 
+def uses_bf16(device: torch.device, precision: Precision = "auto") -> bool:
+    """Whether ``precision`` means bfloat16 autocast on this device."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, precision: Precision = "auto"):
     """bfloat16 autocast when ``precision`` asks for it on this device, else a no-op."""
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
+
+
+def _asks_auto(settings: Any) -> bool:
+    if isinstance(settings, dict):
+        return any((k == "precision" and v == "auto") or _asks_auto(v) for k, v in settings.items())
+    if isinstance(settings, (list, tuple)):
+        return any(_asks_auto(v) for v in settings)
+    return False
+
+
+def resolved_precision(settings: Any, device: torch.device) -> dict[str, str]:
+    """For cache keys: what ``precision: auto`` in ``settings`` means on ``device``, so that
+    bf16-trained results (``auto`` on CUDA) are never reused for an fp32 run with the same
+    settings. Empty where ``auto`` means fp32, so the fp32 caches keep the names they had."""
+    return {"auto_precision": "bf16"} if _asks_auto(settings) and uses_bf16(device) else {}
 
 
 @torch.no_grad()
