@@ -15,10 +15,12 @@ Every file medmeta writes (store files, episode sets, checkpoints, results) goes
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import socket
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -128,6 +130,19 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     data = text.encode("utf-8")
     with atomic_path(path, needs_bytes=len(data)) as tmp:
         tmp.write_bytes(data)
+
+
+def read_cache(path: str | Path, otherwise: str) -> Any | None:
+    """A JSON file medmeta wrote to skip work next time, or None when there is none. An unreadable
+    one (edited, or truncated by a copy) is one warning naming the file and ``otherwise``, what is
+    done instead, never a traceback: the work it saved is simply done again."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{path} is not readable JSON ({exc}); {otherwise}", stacklevel=2)
+        return None
 
 
 def torch_bytes(obj: Any) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from medmeta.errors import ConfigError
 from medmeta.evaluation import protocol as protocol_module
 from medmeta.evaluation.sweep import Sweep
 from medmeta.learning.models import build_backbone
@@ -116,6 +117,34 @@ def test_a_method_killed_mid_episodes_resumes_from_its_last_chunk(synthetic: Syn
     some = evaluate_method(protocol.methods[0], build_backbone("resnet18"), target, 0, torch.device("cpu"),
                            episodes=[1, 4], done=whole)
     assert some == [whole[1], whole[4]] and adapted == []
+
+
+def test_an_unreadable_cache_file_is_warned_about_and_its_work_redone(synthetic: Synthetic, tmp_path: Path) -> None:
+    """A cached method result, chunk of episodes or job result that is not JSON (truncated by a
+    copy, edited by hand) costs its work again, with one warning naming the file, not a traceback."""
+    from medmeta.evaluation import run_protocol
+    from medmeta.evaluation.sweep import job_done
+
+    config = _config(target="toyclass", methods=["scratch"])
+    where = {"root": str(tmp_path / "root"), "source_dir": str(synthetic.source_dir), "manifest": synthetic.manifest}
+    first = run_protocol(config, tmp_path / "out", **where)["methods"]["scratch"]["per_episode"]
+    cache = tmp_path / "out" / "methods" / "scratch.json"
+    cache.write_text(cache.read_text()[:100])
+    with pytest.warns(UserWarning, match=r"scratch\.json is not readable JSON.*scratch is run again"):
+        again = run_protocol(config, tmp_path / "out", **where)["methods"]["scratch"]["per_episode"]
+    assert again == first and json.loads(cache.read_text())["result"]["per_episode"] == first
+
+    sweep = _sweep(synthetic, tmp_path)
+    job = sweep.jobs[0]
+    job.out.mkdir(parents=True)
+    (job.out / "results.json").write_text("{")
+    with pytest.warns(UserWarning, match=r"results\.json is not readable JSON.*the job is run again"):
+        assert not job_done(job, _config())
+    # The record of submitted jobs is not a cache: guessing could submit queued jobs twice.
+    sweep.out.mkdir(parents=True, exist_ok=True)
+    (sweep.out / "jobs.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"jobs\.json is not readable JSON: delete it"):
+        sweep._submit(sweep.jobs, "submitit-local", wait=False)
 
 
 def test_bf16_training_is_never_reused_for_an_fp32_run(synthetic: Synthetic, tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ from ..data.tasks import MedMNISTTask
 from ..data.transforms import PadTo, ResizeTo
 from ..episodes import Episode
 from ..errors import ConfigError
-from ..files import write_text_atomic
+from ..files import read_cache, write_text_atomic
 from ..learning.models import Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
 from ..learning.pixels import pixel_baseline
 from ..learning.runtime import predict, resolve_device, resolved_precision
@@ -149,8 +149,9 @@ class Baselines:
                     else {})}
         key = stable_hash({**parts, **resolved_precision(parts, self.device)})
         cache = folder / "result.json"
-        if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
-            return json.loads(cache.read_text())["result"]
+        cached = read_cache(cache, "this run is done again")
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached["result"]
         start = time.perf_counter()
         if scheme == "pixels":
             result = pixel_baseline(*(self.split(name, s, with_transform=False) for s in ("train", "val", "test")), seed=seed)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import re
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from ..data.store import Store
 from ..data.tasks import MedMNISTTask, find_task
 from ..episodes import Episode, EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
 from ..errors import ConfigError, EpisodeError, MethodError
-from ..files import locked, write_text_atomic
+from ..files import locked, read_cache, write_text_atomic
 from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device, resolved_precision
 from ..methods import InitContext, Method, Sources
 from .config import ExperimentConfig, build_methods
@@ -347,10 +346,10 @@ class Protocol:
         """One method's result: from the cache, or trained, adapted and scored (then cached)."""
         cache = self.out / "methods" / f"{_safe(method.name)}.json"
         key = self.cache_key(method, target)
-        if cache.is_file():
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key:
-                return cached["result"]
+        cached = read_cache(cache, f"{method.name} is run again") if distributed.is_main() else None
+        cached = distributed.broadcast(cached if isinstance(cached, dict) and cached.get("key") == key else None)
+        if cached is not None:
+            return cached["result"]
         start = time.perf_counter()
         backbone, train_seconds = self.backbone(method, writer)
         # Episodes scored before an interruption (same key) are kept: a killed run redoes at most a chunk.
@@ -380,13 +379,7 @@ class Protocol:
 
 def _read_partial(path: Path, key: str) -> dict[str, Any]:
     """The episodes an interrupted run scored, if it ran with this key (else nothing to reuse)."""
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError:
-        warnings.warn(f"{path} is not readable JSON; its episodes are adapted again", stacklevel=2)
-        return {}
+    saved = read_cache(path, "its episodes are adapted again")
     return saved if isinstance(saved, dict) and saved.get("key") == key else {}
 
 

@@ -32,7 +32,7 @@ from .. import distributed
 from ..data.manifest import Manifest, load_manifest
 from ..data.store import Store
 from ..errors import ConfigError, MethodError
-from ..files import atomic_path, write_text_atomic
+from ..files import atomic_path, read_cache, write_text_atomic
 from ..settings import from_mapping
 from .config import ExperimentConfig, build_method
 from .protocol import Protocol
@@ -87,12 +87,8 @@ def job_config(config: ExperimentConfig, target: str, seed: int, dims: int) -> E
 def job_done(job: Job, config: ExperimentConfig) -> bool:
     """Whether the job's results were written under this very config (any change reruns the job,
     which reuses whatever of it is still valid)."""
-    path = job.out / "results.json"
-    if not path.is_file():
-        return False
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    results = read_cache(job.out / "results.json", "the job is run again (what it finished is reused)")
+    if not isinstance(results, dict):
         return False
     return results.get("config") == config.to_dict() and set(config.methods) <= set(results.get("methods", {}))
 
@@ -185,7 +181,11 @@ class Sweep:
         import submitit
 
         record = self.out / "jobs.json"
-        known = json.loads(record.read_text()) if record.is_file() else {}
+        try:
+            known = json.loads(record.read_text()) if record.is_file() else {}
+        except ValueError:
+            raise ConfigError(f"{record} is not readable JSON: delete it to submit the unfinished jobs again "
+                              "(cancel any of them still queued first, or they run twice)") from None
         executor = self.executor(launcher)
         handles = {}
         for job in todo:
