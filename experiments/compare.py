@@ -19,17 +19,24 @@ from medmeta.evaluation.metrics import mean_ci, paired_difference
 
 
 def load(spec: str) -> tuple[dict, dict]:
+    """A run's results.json and one of its methods, from ``RESULTS.json:METHOD``."""
     path, _, method = spec.rpartition(":")
+    if not path or not method:
+        raise ConfigError(f"{spec!r}: write RESULTS.json:METHOD, e.g. runs/cdfsl/retina/results.json:scratch")
     try:
         results = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read a results.json ({exc})") from None
+    if not isinstance(results, dict) or not {"methods", "episode_set"} <= set(results):
+        raise ConfigError(f"{path} is not one run's results.json (it has no methods and episode_set); "
+                          "a sweep's table.json combines runs: give a target's own results.json")
     if method not in results["methods"]:
         raise ConfigError(f"{path} has no method {method!r}; it has {sorted(results['methods'])}")
     return results, results["methods"][method]
 
 
 def compare(spec_a: str, spec_b: str) -> dict:
+    """Both methods' means and their paired difference on the episodes both were scored on."""
     (ra, a), (rb, b) = load(spec_a), load(spec_b)
     same = ("task", "seed", "sampler")
     ea, eb = ra["episode_set"], rb["episode_set"]
@@ -47,6 +54,7 @@ def compare(spec_a: str, spec_b: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Compare the pairs given on the command line; bad input is one line and exit status 2."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pairs", nargs="+", help="RESULTS.json:METHOD, two per comparison")
     args = parser.parse_args(argv)

@@ -24,6 +24,7 @@ def test_runs_of_different_lengths_pair_on_their_common_episodes(synthetic: Synt
         return tmp_path / out / "results.json"
 
     long, short = run("long", 3), run("short", 2)
+    (tmp_path / "episodes.json").write_text('{"episodes": []}')
     rows = compare.main([f"{long}:scratch+proto", f"{short}:scratch+proto", f"{long}:scratch+knn",
                          f"{short}:scratch+proto"])
     assert rows[0]["episodes"] == 2 and rows[0]["auroc_diff"]["identical"]  # same rule, same episodes
@@ -33,3 +34,9 @@ def test_runs_of_different_lengths_pair_on_their_common_episodes(synthetic: Synt
     with pytest.raises(SystemExit):
         compare.main([f"{long}:scratch+proto", f"{other}:scratch+proto"])
     assert "different episode sets" in capsys.readouterr().err
+    for bad, said in [(f"{long}", "write RESULTS.json:METHOD"), (f"{tmp_path / 'long' / 'table.md'}:x", "cannot read"),
+                      (f"{tmp_path / 'episodes.json'}:scratch", "is not one run's results.json")]:
+        with pytest.raises(SystemExit):
+            compare.main([bad, f"{short}:scratch+proto"])
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1
