@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medmeta.episodes import Episode  # noqa: E402
+from medmeta.episodes.sampling import QUERIES, SHOTS  # noqa: E402
 from medmeta.learning.models import SmallMapConv2d, build_backbone  # noqa: E402
 from medmeta.methods import KNN, LPFT, FineTune, LinearProbe, MAMLInner, Prototypes  # noqa: E402
 from medmeta.tasktype import TaskType  # noqa: E402
@@ -118,10 +119,10 @@ def plain_rules(args: argparse.Namespace) -> dict[str, Callable[[nn.Module, Epis
         with torch.no_grad():
             head.weight.copy_(torch.from_numpy(lr_model.coef_))
             head.bias.copy_(torch.from_numpy(lr_model.intercept_))
-        return plain_finetune(b, ep, args.steps, 1e-3, head)
+        return plain_finetune(b, ep, args.steps, FineTune.lr, head)
 
-    return {"finetune": lambda b, ep: plain_finetune(b, ep, args.steps, 1e-3), "linear": linear, "knn": knn,
-            "proto": proto, "lpft": lpft, "inner": lambda b, ep: plain_inner(b, ep, args.inner_steps, 0.1)}
+    return {"finetune": lambda b, ep: plain_finetune(b, ep, args.steps, FineTune.lr), "linear": linear, "knn": knn,
+            "proto": proto, "lpft": lpft, "inner": lambda b, ep: plain_inner(b, ep, args.inner_steps, MAMLInner.lr)}
 
 
 def our_rules(args: argparse.Namespace) -> dict[str, object]:
@@ -149,7 +150,7 @@ def step_fn(backbone: nn.Module, ep: Episode, variant: str = "") -> tuple[Callab
     if variant == "channels_last":
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    opt = torch.optim.Adam(model.parameters(), lr=FineTune.lr, fused=True)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -166,10 +167,11 @@ def main() -> None:
     parser.add_argument("--stem", choices=["imagenet", "cifar"], default="imagenet")
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--ways", type=int, default=5)
-    parser.add_argument("--shots", type=int, default=5)
-    parser.add_argument("--queries", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=50, help="fine-tuning steps (the protocol's 50)")
-    parser.add_argument("--inner-steps", type=int, default=32, help="MAML test-time steps (the protocol's 32)")
+    parser.add_argument("--shots", type=int, default=SHOTS)
+    parser.add_argument("--queries", type=int, default=QUERIES)
+    parser.add_argument("--steps", type=int, default=FineTune.steps, help="fine-tuning steps (default: the protocol's)")
+    parser.add_argument("--inner-steps", type=int, default=MAMLInner.steps,
+                        help="MAML test-time steps (default: the protocol's)")
     parser.add_argument("--episodes", type=int, default=2, help="episodes per timed round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the fastest is kept")
     parser.add_argument("--rules", default="finetune,linear,knn,proto,lpft,inner")

@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medmeta.data import MedMNISTTask, Store  # noqa: E402
+from medmeta.files import write_text_atomic  # noqa: E402
 from medmeta.data.manifest import parse_manifest  # noqa: E402
 from medmeta.episodes import Episode  # noqa: E402
 from medmeta.learning.finetune import default_batched, fine_tune_episodes  # noqa: E402
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     big = 28 if smoke else 224
     sizes = (28,) if smoke else (28, 224)
     mmpt_steps, mmpt_batch = (2, 8) if smoke else (30, 64)
-    n_adapt, ft_steps = (2, 2) if smoke else (8, 50)
+    n_adapt, ft_steps = (2, 2) if smoke else (8, FineTune.steps)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {device} ({name}), torch {torch.__version__}{', smoke mode' if smoke else ''}")
     report: dict = {"device": name, "torch": torch.__version__, "smoke": smoke}
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                     state.update(backbone=backbone, eps=eps)
 
                 def run(steps: int, batched: bool) -> tuple[float, list]:
-                    return timed(lambda: fine_tune_episodes(backbone, eps, steps, 1e-3, seeds, batched=batched), device)
+                    return timed(lambda: fine_tune_episodes(backbone, eps, steps, FineTune.lr, seeds, batched=batched), device)
 
                 def gap(a: list, b: list) -> float:
                     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
                              eps=[e.to(device) for e in episodes(big, n_adapt)])
             backbone, eps = state["backbone"], state["eps"]
             every = {"linear": LinearProbe(), "knn": KNN(), "proto": Prototypes(),
-                     "lpft": LPFT(finetune=FineTune(steps=ft_steps)), "inner": MAMLInner(steps=2 if smoke else 32)}
+                     "lpft": LPFT(finetune=FineTune(steps=ft_steps)), "inner": MAMLInner(steps=2) if smoke else MAMLInner()}
             for rule_name, rule in every.items():
                 seconds, scores = timed(lambda r=rule: r.predict_many(backbone, eps, list(range(n_adapt))), device)
                 assert all(torch.isfinite(s).all() for s in scores), rule_name
@@ -294,8 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     if report["errors"]:
         print(f"\nfailed sections: {', '.join(report['errors'])}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
     return report
 
 

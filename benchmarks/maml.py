@@ -47,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medmeta.episodes import Episode
 from medmeta.learning.finetune import WorkingCopy, fine_tune, fine_tune_many
-from medmeta.learning.maml import MAML
+from medmeta.episodes.sampling import QUERIES, SHOTS
+from medmeta.learning.maml import MAML, MAMLConfig
+from medmeta.methods import FineTune
 from medmeta.tasktype import TaskType
 
 TASK_TYPE = TaskType.MULTI_CLASS
@@ -131,7 +133,7 @@ class NaiveMAML:
 
     def __init__(self, backbone: nn.Module, inner_steps: int, inner_lr: float, first_order: bool) -> None:
         self.backbone, self.inner_steps, self.inner_lr, self.first_order = backbone, inner_steps, inner_lr, first_order
-        self.optimizer = torch.optim.Adam(backbone.parameters(), lr=1e-3)
+        self.optimizer = torch.optim.Adam(backbone.parameters(), lr=MAMLConfig.outer_lr)
 
     def meta_step(self, episodes: list[Episode]) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -232,7 +234,7 @@ def run_job(job: str, args: argparse.Namespace, device: torch.device, out_file: 
         return {"peak_bytes": mem.peak}
     model = build_model(args.model, device)
     episodes = adapt_episodes_data(args, device)
-    kw = {"steps": args.steps, "lr": 1e-3}
+    kw = {"steps": args.steps, "lr": FineTune.lr}
     logits: list[Tensor] = []
     seeds = list(range(len(episodes)))
     with PeakMemory(device) as mem:
@@ -276,14 +278,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--size", type=int, default=28, help="image side in pixels (grey images)")
     p.add_argument("--episodes", type=int, default=100, help="episodes adapted in the adaptation benchmark")
-    p.add_argument("--steps", type=int, default=50, help="Adam steps per adapted episode")
+    p.add_argument("--steps", type=int, default=FineTune.steps, help="Adam steps per adapted episode")
     p.add_argument("--chunk-size", type=int, default=None, help="episodes vmapped together (default: all)")
     p.add_argument("--ways", type=int, default=5)
-    p.add_argument("--shots", type=int, default=5)
-    p.add_argument("--queries", type=int, default=10, help="query images per class")
-    p.add_argument("--meta-batch", type=int, default=4, help="episodes per meta step")
-    p.add_argument("--inner-steps", type=int, default=4)
-    p.add_argument("--inner-lr", type=float, default=0.1)
+    p.add_argument("--shots", type=int, default=SHOTS)
+    p.add_argument("--queries", type=int, default=QUERIES, help="query images per class")
+    p.add_argument("--meta-batch", type=int, default=MAMLConfig.meta_batch, help="episodes per meta step")
+    p.add_argument("--inner-steps", type=int, default=MAMLConfig.inner_steps)
+    p.add_argument("--inner-lr", type=float, default=MAMLConfig.inner_lr)
     p.add_argument("--orders", default="second,first", help="MAML orders to time: second, first or both")
     p.add_argument("--repeats", type=int, default=3, help="timed meta steps per implementation and process")
     p.add_argument("--rounds", type=int, default=2,

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import yaml
 
@@ -26,25 +26,20 @@ from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
 from medmeta.evaluation import Protocol, load_experiment_config
-from medmeta.evaluation.sweep import Sweep
+from medmeta.evaluation.sweep import Launcher, Sweep
 from medmeta.learning.runtime import configure_threads
-from medmeta.settings import nested
+from medmeta.settings import comma_list, nested
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-def _list(text: str) -> list[str]:
-    """A comma-separated command-line value as a list (empty items kept: the config refuses them)."""
-    return [t.strip() for t in text.split(",")]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", help="target subset (retina, breast, nodule3d, ...), a comma list, or 'all' "
                                          "(every subset present)")
-    parser.add_argument("--seeds", type=lambda t: [int(x) for x in _list(t)],
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in comma_list(t)],
                         help="comma list of seeds (pretraining, heads): one run per seed, mean and sd across seeds")
-    parser.add_argument("--launcher", choices=["local", "slurm", "submitit-local"], default="local",
+    parser.add_argument("--launcher", choices=get_args(Launcher), default="local",
                         help="run the jobs of a sweep here, on SLURM through submitit, or in submitit's local "
                              "executor (subprocesses here)")
     parser.add_argument("--no-wait", action="store_true", help="with --launcher slurm: submit and return; the same "
@@ -53,8 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int, help="GPUs per SLURM job, one process each (or slurm.gpus_per_node)")
     parser.add_argument("--time", type=int, help="SLURM time limit per job in minutes (or slurm.timeout_min)")
     parser.add_argument("--mem", type=int, help="memory per SLURM job in GB (or slurm.mem_gb)")
-    parser.add_argument("--methods", type=_list, help="comma-separated methods (see above)")
-    parser.add_argument("--reference", help="method the paired differences are taken against (default scratch)")
+    parser.add_argument("--methods", type=comma_list, help="comma-separated methods (see above)")
+    parser.add_argument("--reference", help="method the paired differences are taken against (config key reference)")
     parser.add_argument("--sources", help="'default' (all allowed), 'available' (allowed and local) or a comma list")
     parser.add_argument("--shots", type=int, help="support images per class")
     parser.add_argument("--episodes", type=int, help="number of evaluation episodes")
@@ -91,7 +86,7 @@ def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The command-line flags as a nested config mapping (flags left out change nothing)."""
-    sources = args.sources if args.sources in (None, "default", "available") else _list(args.sources)
+    sources = args.sources if args.sources in (None, "default", "available") else comma_list(args.sources)
     one_target = args.target if args.target and "," not in args.target and args.target != "all" else None
     return nested({"target": one_target, "methods": args.methods, "reference": args.reference, "sources": sources,
                    "episodes.shots": args.shots, "episodes.count": args.episodes, "episodes.file": args.episodes_file,
@@ -115,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             return None
         manifest = load_manifest(args.manifest)
         source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
-        targets = _list(args.target) if args.target else [config.target]
+        targets = comma_list(args.target) if args.target else [config.target]
         if targets == [config.target] and not args.seeds and args.launcher == "local":
             out = Path(args.out or f"runs/cdfsl/{manifest[config.target].short_name}")
             job: Protocol | Sweep = Protocol(config, out, root=args.root, manifest=manifest, source_dir=source_dir)

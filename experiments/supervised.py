@@ -15,31 +15,28 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
-from medmeta.evaluation.baselines import BaselineConfig, Baselines
+from medmeta.evaluation.baselines import BaselineConfig, Baselines, Resize
 from medmeta.learning.runtime import configure_threads
-from medmeta.settings import load_settings, nested
+from medmeta.settings import comma_list, load_settings, nested
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def _list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",")]
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", type=_list, help="subsets (comma list, short or full names) or 'all'")
-    parser.add_argument("--seeds", type=lambda t: [int(x) for x in _list(t)], help="comma list, e.g. 0,1,2")
-    parser.add_argument("--schemes", type=_list, help="end2end, linear, knn, pixels (default: all)")
-    parser.add_argument("--convs", type=_list, help="3D convolutions: 2.5d, 3d, acs (default: all)")
+    parser.add_argument("--dataset", type=comma_list, help="subsets (comma list, short or full names) or 'all'")
+    parser.add_argument("--seeds", type=lambda t: [int(x) for x in comma_list(t)], help="comma list, e.g. 0,1,2")
+    parser.add_argument("--schemes", type=comma_list, help="end2end, linear, knn, pixels (default: all)")
+    parser.add_argument("--convs", type=comma_list, help="3D convolutions: 2.5d, 3d, acs (default: all)")
     parser.add_argument("--size", type=int, help="image size of the official files (28, 64, 128, 224)")
     parser.add_argument("--input-size", type=int, help="feed images to the network at this size (MedMNIST+: 224)")
-    parser.add_argument("--resize", choices=["pad", "bilinear"], help="how: zero-padding (MedMNIST+'s code) or bilinear")
-    parser.add_argument("--epochs", type=int, help="training epochs (the recipe's: 100)")
+    parser.add_argument("--resize", choices=get_args(Resize), help="how: zero-padding (MedMNIST+'s code) or bilinear")
+    parser.add_argument("--epochs", type=int, help="training epochs (config key train.epochs)")
     parser.add_argument("--weights", help="local ImageNet weights (end-to-end start and frozen features)")
     parser.add_argument("--config", help="YAML profile: a path or a name under experiments/configs/ (supervised_plus)")
     parser.add_argument("--device", help="auto, cpu or cuda")

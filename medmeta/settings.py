@@ -236,6 +236,11 @@ def apply_sets(data: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def comma_list(text: str) -> list[str]:
+    """A comma-separated command-line value as a list (empty items kept: the config refuses them)."""
+    return [t.strip() for t in text.split(",")]
+
+
 def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted keys (``{"pretrain.steps": 5}``, e.g. command-line flags) as nested mappings; None values are left out."""
     out: dict[str, Any] = {}

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import yaml
 
@@ -25,6 +25,8 @@ from ..errors import ConfigError, ManifestError
 from ..tasktype import TaskType
 
 SPLITS = ("train", "val", "test")
+ImageSize = Literal[28, 64, 128, 224]
+"""The image sizes MedMNIST publishes (3D: 28 and 64); which exist for a subset is in its manifest entry."""
 MANIFEST_ENV = "MEDMETA_MANIFEST"
 DEFAULT_MANIFEST = Path(__file__).with_name("data_manifest.yaml").resolve()
 

@@ -54,6 +54,15 @@ _MULTI_TASK_TAG = 0x6D756C74  # separates the multi-task generator from single-t
 
 NWay = Union[int, Literal["all"], None]
 
+SHOTS, QUERIES, EVALUATION_EPISODES = 5, 10, 100
+"""MedIMeta's evaluation protocol (5 labelled images and 10 queries per class, 100 fixed
+episodes): the samplers' defaults and the experiment config's."""
+
+TaskWeighting = Literal["proportional", "uniform", "tempered"]
+"""How multi-task sampling draws a task: proportional to its size, uniformly, or tempered
+(size ** (1 / temperature), MedIMeta's choice between the two)."""
+TEMPERATURE = 2.0
+
 
 def crc32_of(text: str) -> int:
     """CRC32 of a string: identical in every process, unlike ``hash()``."""
@@ -346,8 +355,8 @@ class EpisodeSampler(_EpisodicSampler):
     K (resp. n_query) positives and negatives (greedy set sampling, see the module docstring).
     """
 
-    def __init__(self, dataset: EpisodeSource, n_way: NWay = None, k_shot: int = 5, n_query: int = 10,
-                 n_episodes: int = 100, seed: int = 0, min_class_samples: int | None = None) -> None:
+    def __init__(self, dataset: EpisodeSource, n_way: NWay = None, k_shot: int = SHOTS, n_query: int = QUERIES,
+                 n_episodes: int = EVALUATION_EPISODES, seed: int = 0, min_class_samples: int | None = None) -> None:
         _check_counts(k_shot, n_query)
         _check_seed_and_length(seed, n_episodes)
         self.dataset = dataset
@@ -391,9 +400,9 @@ class MultiTaskEpisodeSampler(_EpisodicSampler):
     Episode i is a pure function of (the tasks, seed, i).
     """
 
-    def __init__(self, datasets: Sequence[EpisodeSource], n_way: NWay = None, k_shot: int = 5,
-                 n_query: int = 10, n_episodes: int = 1000, seed: int = 0,
-                 weights: Literal["proportional", "uniform", "tempered"] | Sequence[float] = "proportional",
+    def __init__(self, datasets: Sequence[EpisodeSource], n_way: NWay = None, k_shot: int = SHOTS,
+                 n_query: int = QUERIES, n_episodes: int = 1000, seed: int = 0,
+                 weights: TaskWeighting | Sequence[float] = "proportional",
                  variable: bool = False, min_class_samples: int | None = None) -> None:
         _check_counts(k_shot, n_query)
         _check_seed_and_length(seed, n_episodes)
@@ -445,8 +454,8 @@ def _check_seed_and_length(seed: int, n_episodes: int) -> None:
         raise EpisodeError(f"n_episodes must be an integer >= 1, got {n_episodes!r}")
 
 
-def task_probabilities(sizes: Sequence[int], weights: str | Sequence[float] = "proportional",
-                       temperature: float = 2.0) -> np.ndarray:
+def task_probabilities(sizes: Sequence[int], weights: TaskWeighting | Sequence[float] = "proportional",
+                       temperature: float = TEMPERATURE) -> np.ndarray:
     """Probability of drawing each task: ``"proportional"`` to its size, ``"uniform"``,
     ``"tempered"`` (size ** (1 / temperature)), or one given weight per task."""
     sizes_arr = np.asarray(sizes, dtype=np.float64)

@@ -32,7 +32,7 @@ import torch
 import yaml
 from torch.utils.tensorboard import SummaryWriter
 
-from ..data.manifest import Manifest
+from ..data.manifest import ImageSize, Manifest
 from ..data.store import Store
 from ..data.tasks import MedMNISTTask
 from ..data.transforms import PadTo, ResizeTo
@@ -49,6 +49,8 @@ from .protocol import stable_hash
 from .results import package_versions, write_csv
 
 Scheme = Literal["end2end", "linear", "knn", "pixels"]
+Resize = Literal["pad", "bilinear"]
+"""How small images reach a larger network input: zero-padding (MedMNIST+'s code) or bilinear resizing."""
 
 
 @dataclass
@@ -57,14 +59,14 @@ class BaselineConfig(Settings):
 
     datasets: list[str] = field(default_factory=lambda: ["breast"])
     """Subsets, or ["all"] for every subset present at ``size`` (3D subsets at 28 or 64)."""
-    size: Literal[28, 64, 128, 224] = 28
+    size: ImageSize = 28
     seeds: list[int] = field(default_factory=lambda: [0])
     schemes: list[Scheme] = field(default_factory=lambda: ["end2end", "linear", "knn", "pixels"])
     convs: list[Conv3dKind] = field(default_factory=lambda: ["2.5d", "3d", "acs"])
     """3D subsets: the convolutions of the end-to-end ResNets."""
     model: ModelConfig = field(default_factory=ModelConfig)
     input_size: int | None = setting(None, min=28)
-    resize: Literal["pad", "bilinear"] = "pad"
+    resize: Resize = "pad"
     train: SupervisedConfig = field(default_factory=SupervisedConfig)
     linear: LinearProbe = field(default_factory=lambda: LinearProbe(max_iter=500))
     knn: KNN = field(default_factory=lambda: KNN(k=11, weights="uniform"))

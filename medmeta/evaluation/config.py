@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
+from ..data.manifest import ImageSize
+from ..episodes.sampling import EVALUATION_EPISODES, QUERIES, SHOTS
 from ..errors import ConfigError, MethodError
 from ..learning.maml import MAMLConfig
 from ..learning.models import ModelConfig
@@ -37,9 +39,9 @@ BUILTIN_METHODS = {"scratch": ("scratch", "finetune"), "imagenet": ("imagenet", 
 class EpisodesConfig(Settings):
     """The target's evaluation episodes (MedIMeta: all classes with >= 50 samples, 5 shots, 10 queries)."""
 
-    count: int = setting(100, min=1)
-    shots: int = setting(5, min=1)
-    queries: int = setting(10, min=1)
+    count: int = setting(EVALUATION_EPISODES, min=1)
+    shots: int = setting(SHOTS, min=1)
+    queries: int = setting(QUERIES, min=1)
     n_way: int | Literal["all"] = "all"
     min_class_samples: int | None = setting(50, min=1)
     """Classes (multi-label: labels, by positives and negatives) with fewer samples over the
@@ -88,7 +90,7 @@ class ExperimentConfig(Settings):
     """Paired per-episode differences are reported against this method."""
     sources: Literal["default", "available"] | list[str] = "default"
     """default: every allowed source; available: those built or in --source-dir; or a list."""
-    size: Literal[28, 64, 128, 224] = 28
+    size: ImageSize = 28
     seed: int = setting(0, min=0)
     device: str = "auto"
     checkpoint: str | None = None
@@ -133,15 +135,18 @@ def _import(path: str) -> Any:
 
 def builtin_initialisations(config: ExperimentConfig) -> dict[str, Initialisation]:
     """The built-in initialisations by name, with this config's settings."""
-    return {"scratch": Scratch(), "imagenet": ImageNet(), "checkpoint": Checkpoint(config.checkpoint),
-            "mmpt": MMPT(config.pretrain), "maml": MAMLInit(config.maml)}
+    return _by_name(Scratch(), ImageNet(), Checkpoint(config.checkpoint), MMPT(config.pretrain), MAMLInit(config.maml))
 
 
 def builtin_rules(config: ExperimentConfig) -> dict[str, AdaptationRule]:
     """The built-in adaptation rules by name, with this config's settings."""
     a, m = config.adaptation, config.maml
-    return {"finetune": a.finetune, "linear": a.linear, "knn": a.knn, "proto": a.proto, "lpft": a.lpft,
-            "inner": MAMLInner(steps=m.test_steps, lr=m.inner_lr, bn_train=m.bn_train)}
+    return _by_name(a.finetune, a.linear, a.knn, a.proto, a.lpft,
+                    MAMLInner(steps=m.test_steps, lr=m.inner_lr, bn_train=m.bn_train))
+
+
+def _by_name(*parts: Initialisation | AdaptationRule) -> dict[str, Any]:
+    return {part.name: part for part in parts}
 
 
 def _part(name: str, kind: type, builtins: dict[str, Any]) -> Any:

@@ -39,7 +39,7 @@ from ..errors import ConfigError, EpisodeError, MethodError
 from ..files import locked, read_cache, write_text_atomic
 from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device, resolved_precision
 from ..methods import InitContext, Method, Sources
-from .config import ExperimentConfig, build_methods
+from .config import EpisodesConfig, ExperimentConfig, build_methods
 from .results import add_paired_differences, format_table, package_versions, plot_results, summarise, write_results
 
 SEED_STRIDE = 100003
@@ -151,7 +151,7 @@ def _score(method: Method, backbone: nn.Module, batch: list[Episode], seed: int)
 
 
 def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: int, device: torch.device,
-                    chunk: int = 10, episodes: Sequence[int] | None = None, desc: str | None = None,
+                    chunk: int = EpisodesConfig.chunk, episodes: Sequence[int] | None = None, desc: str | None = None,
                     done: Sequence[dict[str, float]] = (),
                     on_chunk: Callable[[list[dict[str, float]]], None] | None = None) -> list[dict[str, float]]:
     """Adapt to every episode (or those at the given positions of the set) and score its query set.

@@ -29,7 +29,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from .. import distributed
 from ..data.tasks import MedMNISTTask
-from ..episodes import task_probabilities
+from ..episodes.sampling import TEMPERATURE, TaskWeighting, task_probabilities
 from ..errors import ConfigError
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
@@ -59,8 +59,8 @@ class PretrainConfig(Settings):
     steps: int = setting(1500, min=1)
     batch_size: int = setting(64, min=1)
     lr: float = setting(1e-3, above=0)
-    sampling: Literal["proportional", "uniform", "tempered"] = "proportional"
-    temperature: float = setting(2.0, above=0)
+    sampling: TaskWeighting = "proportional"
+    temperature: float = setting(TEMPERATURE, above=0)
     reweight: bool = False
     eval_every: int = setting(250, min=1)
     patience: int = setting(4, min=1)
