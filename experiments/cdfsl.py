@@ -34,6 +34,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (flags left out leave the config unchanged)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", help="target subset (retina, breast, nodule3d, ...), a comma list, or 'all' "
                                          "(every subset present)")
@@ -96,6 +97,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    """Run one target, or a sweep over several, from the command line; bad input is one line and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.nproc > 1 and not distributed.launched():

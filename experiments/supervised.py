@@ -28,6 +28,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    """Run the supervised baselines from the command line; bad input is one line and exit status 2."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=comma_list, help="subsets (comma list, short or full names) or 'all'")
     parser.add_argument("--seeds", type=lambda t: [int(x) for x in comma_list(t)], help="comma list, e.g. 0,1,2")

@@ -41,6 +41,7 @@ def _targets(store: Store, names: list[str], sizes: list[int] | None, source_dir
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    """`medmeta prepare`: build the named subsets and sizes into the store (exit status 0)."""
     store = _store(args)
     source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
     targets = _targets(store, args.subsets, args.size, source_dir, args.available)
@@ -54,6 +55,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    """`medmeta info`: one line per built file; exit status 1 if any is corrupt."""
     store = _store(args)
     entries = store.info()
     if not entries:
@@ -74,6 +76,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """`medmeta verify`: re-check built files against the manifest and checksums; 1 if any fails."""
     store = _store(args)
     wanted = {store.manifest.resolve(n) for n in args.subsets}
     pairs = [(s, z) for s, z in store.built() if not wanted or s in wanted]
@@ -91,6 +94,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `medmeta` command line: prepare, info and verify, sharing --root and --manifest."""
     parser = argparse.ArgumentParser(prog="medmeta", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", default=None, help=f"store folder (default ${ROOT_ENV} or ~/.medmeta)")
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `medmeta` command; a medmeta error is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

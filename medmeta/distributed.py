@@ -47,22 +47,27 @@ def init(device_type: str = "cpu") -> None:
 
 
 def active() -> bool:
+    """Whether this process is one of several in an initialised process group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
+    """Number of processes (1 when not distributed)."""
     return dist.get_world_size() if active() else 1
 
 
 def rank() -> int:
+    """This process's rank (0 when not distributed)."""
     return dist.get_rank() if active() else 0
 
 
 def local_rank() -> int:
+    """This process's rank on its machine (torchrun's LOCAL_RANK; 0 otherwise)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
+    """Whether this process writes files and prints (rank 0)."""
     return rank() == 0
 
 
@@ -79,6 +84,7 @@ def progress(**kwargs: Any) -> tqdm:
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op when not distributed)."""
     if active():
         dist.barrier()
 

@@ -65,6 +65,7 @@ class TaskType(str, Enum):
 
     @property
     def label_dtype(self) -> torch.dtype:
+        """Label tensors' dtype: float32 multi-hot for multi-label, int64 class indices otherwise."""
         return torch.float32 if self.multilabel else torch.int64
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -88,9 +89,11 @@ class TaskType(str, Enum):
         return {"auroc": self._auroc(y, z), "acc": self._accuracy(y, z)}
 
     def auroc(self, y_true: ArrayLike, logits: ArrayLike) -> float:
+        """AUROC alone (see ``evaluate``)."""
         return self._auroc(*self._check(y_true, logits))
 
     def accuracy(self, y_true: ArrayLike, logits: ArrayLike) -> float:
+        """Accuracy alone (see ``evaluate``)."""
         return self._accuracy(*self._check(y_true, logits))
 
     def _check(self, y_true: ArrayLike, logits: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -141,6 +144,7 @@ class TaskType(str, Enum):
 
 
 def as_numpy(x: ArrayLike) -> np.ndarray:
+    """A tensor or array-like as a NumPy array (float tensors as float64)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
         return x.double().numpy() if x.is_floating_point() else x.numpy()

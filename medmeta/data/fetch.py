@@ -21,6 +21,7 @@ SOURCE_DIR_ENV = "MEDMETA_SOURCE_DIR"
 
 
 def md5sum(path: Path, block: int = 2**20) -> str:
+    """The file's MD5 as hex, read in blocks."""
     digest = hashlib.md5()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(block), b""):

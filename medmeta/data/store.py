@@ -67,6 +67,7 @@ class Entry:
 
 
 def rebuild_hint(short_name: str, size: int) -> str:
+    """What to tell a user whose store file is missing or corrupt."""
     return (f"rebuild it with `medmeta prepare {short_name} --size {size} --force` (from --source-dir or the "
             "download cache, or downloaded again)")
 
@@ -101,6 +102,7 @@ class Store:
         self.download_dir = self.root / "downloads"
 
     def path(self, subset: str, size: int, must_exist: bool = False) -> Path:
+        """Where a subset's store file at ``size`` lives (refused when ``must_exist`` and it is not built)."""
         subset = self.manifest.resolve(subset)
         self.manifest[subset].file(size)
         path = self.store_dir / f"{subset}_{size}.h5"

@@ -30,6 +30,7 @@ class HasEpisodeSet(Protocol):
 
 
 def labels_crc(labels: np.ndarray) -> int:
+    """CRC32 of a label array: checks that a stored episode set meets the labels it was drawn from."""
     return zlib.crc32(np.ascontiguousarray(labels, dtype="<i8").tobytes())
 
 
@@ -78,10 +79,12 @@ class EpisodeSet:
 
     def episodes(self, dataset: EpisodeSource, device: Device = None, non_blocking: bool = False
                  ) -> Iterator[Episode]:
+        """The set's episodes from ``dataset``, after checking the dataset is the one it was drawn from."""
         self.check(dataset)
         return materialise(dataset, self.specs, device=device, non_blocking=non_blocking)
 
     def loader(self, dataset: EpisodeSource, **dataloader_kwargs: Any) -> DataLoader:
+        """A DataLoader over the set's episodes (images gathered in its workers)."""
         self.check(dataset)
         return DataLoader(EpisodeDataset(dataset), batch_sampler=list(self.specs), collate_fn=collate_episode,
                           **dataloader_kwargs)

@@ -113,12 +113,15 @@ class Baselines:
                               "give a larger input_size or resize: bilinear")
 
     def transform(self) -> Any:
+        """The per-image transform to the network's input size (padding or resizing), or None."""
         size = self.config.input_size
         if size is None:
             return None
         return PadTo(size) if self.config.resize == "pad" else ResizeTo(size)
 
     def run(self) -> dict[str, Any]:
+        """Every (dataset, scheme, convolution, seed) run, from its cache where valid; writes
+        baselines.{json,csv,md}."""
         for name in self.datasets:
             self.store.build(name, self.config.size, source_dir=self.source_dir)
         rows = []
@@ -137,6 +140,7 @@ class Baselines:
         return combined
 
     def split(self, name: str, split: str, with_transform: bool = True) -> MedMNISTTask:
+        """One split of a subset at the configured size, with the input transform unless told otherwise."""
         return MedMNISTTask(self.store, name, split, size=self.config.size,
                             transform=self.transform() if with_transform else None)
 
@@ -167,11 +171,13 @@ class Baselines:
         return result
 
     def backbone(self, dims: int, conv: str | None, seed: int) -> torch.nn.Module:
+        """A freshly seeded backbone for ``dims`` (and the 3D convolution kind)."""
         torch.manual_seed(seed)
         m = self.config.model
         return build_backbone(m.arch, dims=dims, stem=m.stem, weights=m.imagenet_weights, conv3d=conv or "3d")
 
     def end2end(self, name: str, conv: str | None, seed: int, folder: Path) -> dict[str, Any]:
+        """Train end-to-end (checkpointed in ``folder``), keep the best validation epoch, score the test split."""
         train, val, test = (self.split(name, s) for s in ("train", "val", "test"))
         model = Classifier(self.backbone(train.task.dims, conv, seed), train.task.num_outputs)
         with SummaryWriter(folder / "tensorboard") as writer:
@@ -188,6 +194,7 @@ class Baselines:
 
     @torch.no_grad()
     def features(self, backbone: torch.nn.Module, ds: MedMNISTTask, batch: int = 256) -> torch.Tensor:
+        """Backbone features of a whole split, in order, computed in batches."""
         out = []
         for start in range(0, len(ds), batch):
             x, _ = ds.get_batch(np.arange(start, min(start + batch, len(ds))), self.device)
@@ -224,6 +231,7 @@ class Baselines:
         return out
 
     def combine(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Mean and sd over seeds per (dataset, scheme), with the published figures."""
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in rows:
             groups.setdefault((r["dataset"], r["scheme"]), []).append(r)
@@ -243,6 +251,7 @@ class Baselines:
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
+    """The combined table in markdown, with the published figures beside ours."""
     lines = ["| dataset | scheme | seeds | test AUROC | test ACC | MedMNIST v2 ResNet-18 (28) AUC/ACC | "
              "MedMNIST+ ResNet-18 e2e (28) ACC/AUC x100 | s/run |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:

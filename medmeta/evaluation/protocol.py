@@ -151,7 +151,7 @@ def _score(method: Method, backbone: nn.Module, batch: list[Episode], seed: int)
 
 
 def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: int, device: torch.device,
-                    chunk: int = EpisodesConfig.chunk, episodes: Sequence[int] | None = None, desc: str | None = None,
+                    chunk: int = EpisodesConfig.chunk, episodes: Sequence[int] | None = None,
                     done: Sequence[dict[str, float]] = (),
                     on_chunk: Callable[[list[dict[str, float]]], None] | None = None) -> list[dict[str, float]]:
     """Adapt to every episode (or those at the given positions of the set) and score its query set.
@@ -174,7 +174,7 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
     positions = [p for p in wanted if target.episodes[p].index not in finished]
     stream = materialise(target.dataset, [target.episodes[i] for i in distributed.shard(positions)], device=device)
     rounds = -(-len(positions) // (distributed.world_size() * chunk))
-    with distributed.progress(total=len(wanted), initial=len(finished), desc=desc or f"adapt {method.name}",
+    with distributed.progress(total=len(wanted), initial=len(finished), desc=f"adapt {method.name}",
                               unit="episode") as bar, deterministic_cudnn():
         for r in range(rounds + 1):  # the last round only saves the last chunk and reports failures
             mine: list[dict[str, float]] = []
@@ -262,6 +262,7 @@ class Protocol:
         distributed.barrier()
 
     def source_data(self) -> Sources:
+        """The sources' training and validation splits (mm-PT and MAML train on them)."""
         def split(name: str) -> dict[str, MedMNISTTask]:
             return {s: MedMNISTTask(self.store, s, name, size=self.config.size) for s in self.sources}
 

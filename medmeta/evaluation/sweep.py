@@ -77,6 +77,8 @@ def methods_for(config: ExperimentConfig, dims: int) -> list[str]:
 
 
 def job_config(config: ExperimentConfig, target: str, seed: int, dims: int) -> ExperimentConfig:
+    """The config of one (target, seed) job: the methods that apply to the target's
+    dimensionality, and the reference among them."""
     methods = methods_for(config, dims)
     if not methods:
         raise MethodError(f"none of the methods {config.methods} applies to {target} ({dims}D)")
@@ -133,10 +135,12 @@ class Sweep:
                      check_only=True)
 
     def arguments(self, job: Job) -> tuple:
+        """``run_job``'s arguments for ``job`` (plain values: they travel to submitit's processes)."""
         return (self.configs[job].to_dict(), str(job.out), str(self.out / "pretrained"), self.root, self.source_dir,
                 list(self.manifests))
 
     def pending(self) -> list[Job]:
+        """The jobs whose results were not yet written under their current config."""
         return [j for j in self.jobs if not job_done(j, self.configs[j])]
 
     def run(self, launcher: Launcher = "local", wait: bool = True) -> dict[str, Any] | None:
@@ -161,6 +165,7 @@ class Sweep:
             print(f"sweep: {len(todo)} job(s) run in {time.perf_counter() - start:.0f} s")
 
     def executor(self, launcher: Launcher) -> Any:
+        """A submitit executor for ``launcher``, with the config's SLURM settings."""
         import submitit
 
         s = self.config.slurm
@@ -273,6 +278,7 @@ def _cell(row: dict[str, Any], metric: str) -> str:
 
 
 def markdown(combined: dict[str, Any], metric: str) -> str:
+    """A targets x methods markdown table of ``metric`` (mean ± interval, paired difference, sd across seeds)."""
     rows = combined["table"]
     targets = list(dict.fromkeys(r["target"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -284,6 +290,7 @@ def markdown(combined: dict[str, Any], metric: str) -> str:
 
 
 def format_combined(combined: dict[str, Any]) -> str:
+    """The combined AUROC and accuracy tables, with a heading saying what the numbers are."""
     seeds = combined["seeds"]
     head = (f"query {{}} (mean ± 95% interval over episodes{', sd across seeds ' + str(seeds) if len(seeds) > 1 else ''}; "
             f"[Δ paired difference to {combined['reference']}])")

@@ -69,6 +69,7 @@ def fresh_head(in_features: int, num_outputs: int, seed: int, device: torch.devi
 
 
 def device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a module's parameters."""
     p = next(module.parameters())
     return p.device, p.dtype
 
@@ -88,6 +89,7 @@ class WorkingCopy:
         self.net = copy.deepcopy(backbone).requires_grad_(True)
 
     def reset(self) -> nn.Module:
+        """The working copy in train mode, with the original's parameters and buffers loaded in place."""
         with torch.no_grad():
             for dst, src in zip(self.net.parameters(), self.original.parameters()):
                 dst.copy_(src)

@@ -31,6 +31,7 @@ from ..tasktype import TaskType
 
 
 def candidates(seed: int) -> dict[str, Any]:
+    """The fixed model search on flattened pixels (the stand-in for auto-sklearn), by name."""
     return {
         "logreg-C0.01": make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=300)),
         "logreg-C1": make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=300)),
