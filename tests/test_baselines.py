@@ -51,6 +51,23 @@ def test_every_scheme_and_convolution_and_the_table(store: Store, synthetic: Syn
     assert (tmp_path / "out" / "tclass" / "end2end" / "seed0" / "result.json").stat().st_mtime_ns == stamp
 
 
+def test_a_bf16_trained_checkpoint_is_not_resumed_as_fp32(store: Store, synthetic: Synthetic, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``precision: auto`` trains in bf16 on CUDA, in fp32 on CPUs: a checkpoint (and result)
+    from one must not be taken up by the other. Here the CPU run's checkpoint meets a run that
+    resolves ``auto`` to bf16, as on a GPU."""
+    from medmeta.errors import ConfigError
+    from medmeta.evaluation import baselines as baselines_module
+
+    config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "schemes": ["end2end"], "device": "cpu",
+                                           "train": {"epochs": 1, "batch_size": 16}})
+    Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()
+    monkeypatch.setattr(baselines_module, "resolved_precision", lambda settings, device: {"auto_precision": "bf16"})
+    with pytest.raises(ConfigError, match=r"checkpoint .*checkpoint\.pt was written under another training config "
+                                          r"\(auto_precision: '<missing>' in the checkpoint, 'bf16' now"):
+        Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()
+
+
 def test_pixel_baseline_on_a_learnable_multilabel_task(store: Store) -> None:
     train, val, test = (MedMNISTTask(store, "toychest", s) for s in ("train", "val", "test"))
     result = pixel_baseline(train, val, test, seed=0)
