@@ -125,14 +125,15 @@ def test_an_unreadable_cache_file_is_warned_about_and_its_work_redone(synthetic:
     from medmeta.evaluation import run_protocol
     from medmeta.evaluation.sweep import job_done
 
-    config = _config(target="toyclass", methods=["scratch"])
+    config = _config(target="toyclass", methods=["mmpt"])
     where = {"root": str(tmp_path / "root"), "source_dir": str(synthetic.source_dir), "manifest": synthetic.manifest}
-    first = run_protocol(config, tmp_path / "out", **where)["methods"]["scratch"]["per_episode"]
-    cache = tmp_path / "out" / "methods" / "scratch.json"
+    first = run_protocol(config, tmp_path / "out", **where)["methods"]["mmpt"]
+    cache = tmp_path / "out" / "methods" / "mmpt.json"
     cache.write_text(cache.read_text()[:100])
-    with pytest.warns(UserWarning, match=r"scratch\.json is not readable JSON.*scratch is run again"):
-        again = run_protocol(config, tmp_path / "out", **where)["methods"]["scratch"]["per_episode"]
-    assert again == first and json.loads(cache.read_text())["result"]["per_episode"] == first
+    with pytest.warns(UserWarning, match=r"mmpt\.json is not readable JSON.*mmpt is run again"):
+        again = run_protocol(config, tmp_path / "out", **where)["methods"]["mmpt"]
+    assert again["per_episode"] == first["per_episode"]  # the trained backbone was reused: same scores
+    assert json.loads(cache.read_text())["result"]["per_episode"] == first["per_episode"]
 
     sweep = _sweep(synthetic, tmp_path)
     job = sweep.jobs[0]
@@ -142,9 +143,10 @@ def test_an_unreadable_cache_file_is_warned_about_and_its_work_redone(synthetic:
         assert not job_done(job, _config())
     # The record of submitted jobs is not a cache: guessing could submit queued jobs twice.
     sweep.out.mkdir(parents=True, exist_ok=True)
-    (sweep.out / "jobs.json").write_text("{")
-    with pytest.raises(ConfigError, match=r"jobs\.json is not readable JSON: delete it"):
-        sweep._submit(sweep.jobs, "submitit-local", wait=False)
+    for text in ("{", "[]"):
+        (sweep.out / "jobs.json").write_text(text)
+        with pytest.raises(ConfigError, match=r"jobs\.json is not a readable record of submitted jobs: delete it"):
+            sweep._submit(sweep.jobs, "submitit-local", wait=False)
 
 
 def test_bf16_training_is_never_reused_for_an_fp32_run(synthetic: Synthetic, tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ episodes): the samplers' defaults and the experiment config's."""
 
 TaskWeighting = Literal["proportional", "uniform", "tempered"]
 """How multi-task sampling draws a task: proportional to its size, uniformly, or tempered
-(size ** (1 / temperature), MedIMeta's choice between the two)."""
+(size ** (1 / temperature), a middle ground between the two)."""
 TEMPERATURE = 2.0
 
 

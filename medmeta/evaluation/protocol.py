@@ -298,7 +298,7 @@ class Protocol:
                 distributed.barrier()
                 backbone = method.prepare(context).to(self.device)
                 distributed.barrier()
-            log = folder / "training.json"
+            log = folder / "training.json"  # written by the initialisation just now (see save_trained)
             seconds = (json.loads(log.read_text())["seconds"] if log.is_file()
                        else time.perf_counter() - start)
             self._backbones[folder] = (backbone, seconds)

@@ -188,9 +188,11 @@ class Sweep:
         record = self.out / "jobs.json"
         try:
             known = json.loads(record.read_text()) if record.is_file() else {}
-        except ValueError:
-            raise ConfigError(f"{record} is not readable JSON: delete it to submit the unfinished jobs again "
-                              "(cancel any of them still queued first, or they run twice)") from None
+        except (OSError, ValueError):
+            known = None
+        if not isinstance(known, dict):
+            raise ConfigError(f"{record} is not a readable record of submitted jobs: delete it to submit the "
+                              "unfinished jobs again (cancel any of them still queued first, or they run twice)")
         executor = self.executor(launcher)
         handles = {}
         for job in todo:
