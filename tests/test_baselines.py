@@ -58,11 +58,14 @@ def test_a_bf16_trained_checkpoint_is_not_resumed_as_fp32(store: Store, syntheti
     resolves ``auto`` to bf16, as on a GPU."""
     from medmeta.errors import ConfigError
     from medmeta.evaluation import baselines as baselines_module
+    from medmeta.learning import runtime
 
     config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "schemes": ["end2end"], "device": "cpu",
                                            "train": {"epochs": 1, "batch_size": 16}})
     Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()
-    monkeypatch.setattr(baselines_module, "resolved_precision", lambda settings, device: {"auto_precision": "bf16"})
+    as_on_a_gpu = lambda settings, device: {"auto_precision": "bf16"}  # noqa: E731
+    monkeypatch.setattr(baselines_module, "resolved_precision", as_on_a_gpu)
+    monkeypatch.setattr(runtime, "resolved_precision", as_on_a_gpu)
     with pytest.raises(ConfigError, match=r"checkpoint .*checkpoint\.pt was written under another training config "
                                           r"\(auto_precision: '<missing>' in the checkpoint, 'bf16' now"):
         Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()

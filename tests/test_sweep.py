@@ -175,6 +175,14 @@ def test_bf16_training_is_never_reused_for_an_fp32_run(synthetic: Synthetic, tmp
         same = keys(**{"pretrain.precision": fixed})
         assert same["cpu"] == same["cuda"]
     assert keys(**{"pretrain.precision": "fp32"})["cpu"] != auto["cuda"]
+    # Every trainer's checkpoint says so too (mm-PT, MAML and supervised share checkpoint_identity).
+    from medmeta.learning.pretrain import PretrainConfig
+    from medmeta.learning.runtime import checkpoint_identity
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert checkpoint_identity(PretrainConfig(), cpu) != checkpoint_identity(PretrainConfig(), cuda)
+    fp32 = PretrainConfig(precision="fp32")
+    assert checkpoint_identity(fp32, cpu) == checkpoint_identity(fp32, cuda)
 
 
 def test_submit_and_collect_with_submitits_local_executor(synthetic: Synthetic, tmp_path: Path) -> None:

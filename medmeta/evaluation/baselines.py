@@ -184,7 +184,6 @@ class Baselines:
             best = train_supervised(model, train, val, self.config.train, self.device, seed=seed,
                                     checkpoint=folder / "checkpoint.pt", writer=writer,
                                     context={"model": self.config.model.to_dict(), "conv3d": conv,
-                                             **resolved_precision(self.config.train.to_dict(), self.device),
                                              "input_size": self.config.input_size, "resize": self.config.resize})
         model.eval()
         logits, labels = predict(model, test, self.device, precision=self.config.train.precision)

@@ -251,7 +251,7 @@ def train_maml(backbone: nn.Module, train: Mapping[str, MedMNISTTask], config: M
                 first_order=config.first_order, outer_lr=config.outer_lr,
                 bn_train=config.bn_train, test_steps=config.test_steps)
     step = 0
-    identity = checkpoint_identity(config, tasks=sorted(train), seed=seed)
+    identity = checkpoint_identity(config, device, tasks=sorted(train), seed=seed)
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         check_identity(checkpoint, state.get("identity"), identity)

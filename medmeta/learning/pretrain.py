@@ -239,7 +239,7 @@ class MultiTaskPretrainer:
     @property
     def identity(self) -> dict[str, Any]:
         """What a checkpoint must match to resume this run (see ``checkpoint_identity``)."""
-        return checkpoint_identity(self.config, tasks=self.task_ids, seed=self.seed)
+        return checkpoint_identity(self.config, self.device, tasks=self.task_ids, seed=self.seed)
 
     def save(self, path: Path) -> None:
         """Write a checkpoint (rank 0 only: every rank holds the same state)."""

@@ -130,10 +130,11 @@ def evaluate_split(forward: Callable[[torch.Tensor], torch.Tensor], module: nn.M
     return dataset.task.task_type.evaluate(labels, logits)
 
 
-def checkpoint_identity(config: Settings, **context: Any) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the config (minus ``NOT_TRAINING_KEYS``) and context."""
+def checkpoint_identity(config: Settings, device: torch.device, **context: Any) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the config (minus ``NOT_TRAINING_KEYS``), what
+    its ``precision: auto`` means on ``device`` (see ``resolved_precision``) and context."""
     fields = {k: v for k, v in config.to_dict().items() if k not in NOT_TRAINING_KEYS}
-    return {**fields, **context}
+    return {**fields, **resolved_precision(fields, device), **context}
 
 
 def check_steps(path: Path, done: int, steps: int) -> None:

@@ -87,8 +87,8 @@ class SupervisedTrainer:
 
     @property
     def identity(self) -> dict[str, Any]:
-        return checkpoint_identity(self.config, task=self.train.task.task_id, size=self.train.task.size, seed=self.seed,
-                                   **self.context)
+        return checkpoint_identity(self.config, self.device, task=self.train.task.task_id, size=self.train.task.size,
+                                   seed=self.seed, **self.context)
 
     def run(self, on_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
         """Train until the last epoch or early stopping; load the selected epoch's weights; return
