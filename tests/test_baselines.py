@@ -15,7 +15,7 @@ from medmeta.data.transforms import IMAGENET_MEAN, PadTo, ResizeTo
 from medmeta.evaluation.baselines import BaselineConfig, Baselines
 from medmeta.learning.models import Classifier, build_backbone
 from medmeta.learning.pixels import pixel_baseline
-from medmeta.learning.supervised import SupervisedConfig, SupervisedTrainer
+from medmeta.learning.supervised import SupervisedConfig, SupervisedTrainer, epoch_batches
 from medmeta.settings import from_mapping
 
 from .conftest import Synthetic
@@ -131,3 +131,19 @@ def test_padded_inputs_train_end_to_end(store: Store, synthetic: Synthetic, tmp_
     assert [r["scheme"] for r in combined["table"]] == ["end2end", "knn"]
     saved = json.loads((tmp_path / "out" / "baselines.json").read_text())
     assert saved["config"]["input_size"] == 64
+
+
+def test_a_last_batch_of_one_sample_joins_the_batch_before(store: Store) -> None:
+    """34,561 OrganA images in batches of 128 leave one: BatchNorm cannot train on a single image whose
+    features are 1x1 (ImageNet stem at 28px), so it trains with the batch before it."""
+    train, val = MedMNISTTask(store, "toyclass", "train"), MedMNISTTask(store, "toyclass", "val")
+    assert len(train) == 60
+    trainer = SupervisedTrainer(Classifier(build_backbone(), 4), train, val,
+                                SupervisedConfig(epochs=2, batch_size=59, schedule="cosine"), torch.device("cpu"))
+    trainer.run()
+    assert trainer.sched.last_epoch == 2  # one step of 60 images per epoch
+    assert len(trainer.history) == 2
+    for n, sizes in ((257, [128, 129]), (256, [128, 128]), (258, [128, 128, 2]), (1, [1])):
+        batches = epoch_batches(np.arange(n), 128)
+        assert [len(b) for b in batches] == sizes
+        assert np.array_equal(np.concatenate(batches), np.arange(n))

@@ -52,6 +52,16 @@ class SupervisedConfig(Settings):
     precision: Precision = "auto"
 
 
+def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``order`` in consecutive batches of ``batch_size``; a last batch of one sample joins the one
+    before it (BatchNorm cannot train on a single sample with 1x1 features: 34,561 OrganA images
+    in batches of 128 leave one)."""
+    starts = list(range(0, len(order), batch_size))
+    if len(starts) > 1 and len(order) - starts[-1] == 1:
+        starts.pop()
+    return [order[a:b] for a, b in zip(starts, starts[1:] + [len(order)])]
+
+
 def _better(select: str, score: float, best: float | None) -> bool:
     if best is None:
         return True
@@ -74,7 +84,7 @@ class SupervisedTrainer:
         params = model.parameters()
         self.opt = (torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay) if config.optimizer == "adam"
                     else torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay))
-        steps = -(-len(train) // config.batch_size) * config.epochs
+        steps = len(epoch_batches(np.arange(len(train)), config.batch_size)) * config.epochs
         self.sched: torch.optim.lr_scheduler.LRScheduler = (
             torch.optim.lr_scheduler.MultiStepLR(self.opt, [int(m * steps) for m in config.milestones], gamma=0.1)
             if config.schedule == "multistep" else torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=steps))
@@ -115,9 +125,9 @@ class SupervisedTrainer:
         self.model.train()
         order = self.rng.permutation(len(self.train))
         losses = []
-        for start in range(0, len(order), cfg.batch_size):
+        for batch in epoch_batches(order, cfg.batch_size):
             data_clock = time.perf_counter()
-            x, y = self.train.get_batch(np.sort(order[start:start + cfg.batch_size]), self.device)
+            x, y = self.train.get_batch(np.sort(batch), self.device)
             self.data_seconds += time.perf_counter() - data_clock
             with autocast(self.device, cfg.precision):
                 loss = task_type.loss(self.model(x).float(), y)
