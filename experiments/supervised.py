@@ -8,6 +8,9 @@ a scikit-learn model search on flattened pixels (2D); end-to-end 2.5D, 3D and AC
 the pixel search (3D). Writes baselines.json, baselines.csv, baselines.md and per-run folders
 (result, checkpoint, TensorBoard) under --out; rerunning reuses finished runs and resumes
 training. Profiles: the defaults are MedMNIST v2's recipe; --config supervised_plus is MedMNIST+'s.
+--combine joins the tables of several such runs (other subsets, sizes or budgets) into one:
+
+    python experiments/supervised.py --combine runs/supervised runs/supervised_3d --out runs/supervised_all
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import get_args
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
-from medmeta.evaluation.baselines import BaselineConfig, Baselines, Resize
+from medmeta.evaluation.baselines import BaselineConfig, Baselines, Resize, combine_folders
 from medmeta.learning.runtime import configure_threads
 from medmeta.settings import comma_list, load_settings, nested
 
@@ -47,10 +50,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--manifest", action="append", help=f"a manifest of your own datasets (or ${MANIFEST_ENV})")
     parser.add_argument("--out", help="output folder (default runs/supervised)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    parser.add_argument("--combine", nargs="+", metavar="DIR",
+                        help="write one table (to --out) from the baselines.json of these earlier --out folders")
     args = parser.parse_args(argv)
     overrides = nested({"datasets": args.dataset, "seeds": args.seeds, "schemes": args.schemes, "convs": args.convs,
                         "size": args.size, "input_size": args.input_size, "resize": args.resize,
                         "train.epochs": args.epochs, "model.imagenet_weights": args.weights, "device": args.device})
+    if args.combine:
+        if args.out is None:
+            parser.error("--combine needs --out, the folder of the combined table")
+        if args.set or args.config or args.threads or overrides:
+            parser.error("--combine only reads earlier runs' tables: give it no run settings")
+        try:
+            return combine_folders([Path(f) for f in args.combine], Path(args.out), CONFIGS / "published_baselines.yaml")
+        except MedmetaError as exc:
+            print(f"supervised: error: {exc}", file=sys.stderr)
+            sys.exit(2)
     try:
         warning = configure_threads(args.threads)
         config = load_settings(BaselineConfig, args.config, CONFIGS, overrides, args.set)

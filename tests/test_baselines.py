@@ -12,7 +12,8 @@ import torch
 from medmeta.data.store import Store
 from medmeta.data.tasks import MedMNISTTask
 from medmeta.data.transforms import IMAGENET_MEAN, PadTo, ResizeTo
-from medmeta.evaluation.baselines import BaselineConfig, Baselines
+from medmeta.errors import ConfigError
+from medmeta.evaluation.baselines import BaselineConfig, Baselines, combine_folders
 from medmeta.learning.models import Classifier, build_backbone
 from medmeta.learning.pixels import pixel_baseline
 from medmeta.learning.supervised import SupervisedConfig, SupervisedTrainer, epoch_batches
@@ -44,7 +45,11 @@ def test_every_scheme_and_convolution_and_the_table(store: Store, synthetic: Syn
         assert row["seeds"] == 2 and 0 <= row["test_auroc"] <= 1 and row["test_auroc_std"] >= 0
     runs = [r for r in combined["runs"] if r["dataset"] == "toyclass" and r["scheme"] == "end2end"]
     assert np.mean([r["test_auroc"] for r in runs]) == pytest.approx(combined["table"][0]["test_auroc"])
-    assert (tmp_path / "out" / "baselines.md").read_text().startswith("| dataset | scheme |")
+    assert (tmp_path / "out" / "baselines.md").read_text().startswith("| dataset | size | scheme | epochs (batch) |")
+    assert {(r["size"], r["epochs"], r["batch_size"]) for r in combined["table"] if r["scheme"].startswith("end2end")} == {
+        (28, 2, 16)}
+    assert {(r["epochs"], r["batch_size"]) for r in combined["table"] if not r["scheme"].startswith("end2end")} == {
+        (None, None)}
     # A second run reuses every finished run.
     stamp = (tmp_path / "out" / "tclass" / "end2end" / "seed0" / "result.json").stat().st_mtime_ns
     assert baselines.run()["table"] == combined["table"]
@@ -147,3 +152,29 @@ def test_a_last_batch_of_one_sample_joins_the_batch_before(store: Store) -> None
         batches = epoch_batches(np.arange(n), 128)
         assert [len(b) for b in batches] == sizes
         assert np.array_equal(np.concatenate(batches), np.arange(n))
+
+
+def test_tables_of_runs_at_other_sizes_and_budgets_combine_into_one(store: Store, synthetic: Synthetic,
+                                                                    tmp_path: Path) -> None:
+    """Each ``supervised.py`` command has one size and budget (e.g. 28px for 100 epochs, 64px for 1);
+    ``--combine`` joins their tables, keeping each row's size and budget apart."""
+    store.build("toyclass", 64, source_dir=synthetic.source_dir)
+    tables = []
+    for size, epochs in ((28, 2), (64, 1)):
+        config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "seeds": [0, 1], "size": size, "device": "cpu",
+                                               "schemes": ["end2end"], "train": {"epochs": epochs, "batch_size": 16}})
+        tables.append(Baselines(config, tmp_path / f"s{size}", root=store.root, manifest=synthetic.manifest).run())
+    combined = combine_folders([tmp_path / "s28", tmp_path / "s64"], tmp_path / "all")
+    assert [(r["size"], r["epochs"]) for r in combined["table"]] == [(28, 2), (64, 1)]
+    assert combined["table"] == tables[0]["table"] + tables[1]["table"]
+    assert [s["config"]["size"] for s in combined["sources"]] == [28, 64]
+    assert json.loads((tmp_path / "all" / "baselines.json").read_text())["table"] == combined["table"]
+    assert "| tclass |" not in (tmp_path / "all" / "baselines.md").read_text()
+    assert (tmp_path / "all" / "baselines.md").read_text().count("| toyclass | ") == 2
+    with pytest.raises(ConfigError, match="--combine .*s999: no readable baselines.json"):
+        combine_folders([tmp_path / "s999"], tmp_path / "none")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "baselines.json").write_text(json.dumps({"runs": [{"dataset": "toyclass", "scheme": "knn"}]}))
+    with pytest.raises(ConfigError, match="predates the size and budget columns; rerun the command"):
+        combine_folders([tmp_path / "s28", tmp_path / "old"], tmp_path / "none")
+    assert not (tmp_path / "none").exists()

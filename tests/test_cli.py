@@ -58,6 +58,7 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path: Path, argv: list[str], mess
     ("cdfsl.py", ["--target", "kidney"], "cdfsl: error: unknown subset 'kidney'"),
     ("cdfsl.py", ["--target", "retina", "--set", "pretrain.stepz=3"], "unknown config key pretrain.stepz"),
     ("supervised.py", ["--dataset", "breast", "--config", "nonexistent"], "config 'nonexistent' not found"),
+    ("supervised.py", ["--combine", "nowhere", "--out", "x"], "--combine nowhere: no readable baselines.json there"),
 ])
 def test_experiment_scripts_report_bad_input_in_one_line(script: str, args: list[str], message: str,
                                                          tmp_path: Path) -> None:

@@ -122,21 +122,19 @@ class Baselines:
     def run(self) -> dict[str, Any]:
         """Every (dataset, scheme, convolution, seed) run, from its cache where valid; writes
         baselines.{json,csv,md}."""
+        c = self.config
         for name in self.datasets:
-            self.store.build(name, self.config.size, source_dir=self.source_dir)
+            self.store.build(name, c.size, source_dir=self.source_dir)
         rows = []
         for name in self.datasets:
             dims = self.store.manifest[name].dims
-            for scheme, conv in runs_for(self.config, dims):
-                for seed in self.config.seeds:
-                    rows.append(self.run_one(name, scheme, conv, seed))
-        table = self.combine(rows)
-        combined = {"config": self.config.to_dict(), "versions": package_versions(), "device": str(self.device),
-                    "runs": rows, "table": table}
-        write_text_atomic(self.out / "baselines.json", json.dumps(combined, indent=2, default=str))
-        write_csv(self.out / "baselines.csv", table, list(table[0]) if table else [])
-        write_text_atomic(self.out / "baselines.md", markdown(table) + "\n")
-        print(markdown(table))
+            for scheme, conv in runs_for(c, dims):
+                budget = {"epochs": c.train.epochs, "batch_size": c.train.batch_size} if scheme == "end2end" else {}
+                for seed in c.seeds:
+                    rows.append({**self.run_one(name, scheme, conv, seed), "size": c.size, **budget})
+        combined = {"config": c.to_dict(), "versions": package_versions(), "device": str(self.device),
+                    "runs": rows, "table": combine(rows, self.published)}
+        write_tables(self.out, combined)
         return combined
 
     def split(self, name: str, split: str, with_transform: bool = True) -> MedMNISTTask:
@@ -230,32 +228,69 @@ class Baselines:
             out[f"{split_name}_auroc"], out[f"{split_name}_acc"] = result["auroc"], result["acc"]
         return out
 
-    def combine(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Mean and sd over seeds per (dataset, scheme), with the published figures."""
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for r in rows:
-            groups.setdefault((r["dataset"], r["scheme"]), []).append(r)
-        table = []
-        for (dataset, scheme), rs in groups.items():
-            auc, acc = [r["test_auroc"] for r in rs], [r["test_acc"] for r in rs]
-            row = {"dataset": dataset, "scheme": scheme, "seeds": len(rs),
-                   "test_auroc": float(np.mean(auc)), "test_auroc_std": float(np.std(auc, ddof=1)) if len(rs) > 1 else 0.0,
-                   "test_acc": float(np.mean(acc)), "test_acc_std": float(np.std(acc, ddof=1)) if len(rs) > 1 else 0.0,
-                   "seconds": float(np.mean([r["seconds"] for r in rs]))}
-            v2 = self.published.get("medmnist_v2_resnet18_28", {}).get(dataset)
-            plus = self.published.get("medmnist_plus_resnet18_end2end", {}).get(dataset, {})
-            row["v2_resnet18_28_auroc_acc"] = "/".join(f"{x:.3f}" for x in v2) if v2 and scheme == "end2end" else ""
-            row["plus_resnet18_28_acc_auroc"] = "/".join(f"{x:.2f}" for x in plus.get(28, [])) if scheme == "end2end" else ""
-            table.append(row)
-        return table
+
+def combine(rows: list[dict[str, Any]], published: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mean and sd over seeds per (dataset, size, scheme, training budget), with the published
+    figures (28px end-to-end rows)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["size"], r["scheme"], r.get("epochs"), r.get("batch_size")), []).append(r)
+    table = []
+    for (dataset, size, scheme, epochs, batch_size), rs in groups.items():
+        auc, acc = [r["test_auroc"] for r in rs], [r["test_acc"] for r in rs]
+        row = {"dataset": dataset, "size": size, "scheme": scheme, "epochs": epochs, "batch_size": batch_size,
+               "seeds": len(rs),
+               "test_auroc": float(np.mean(auc)), "test_auroc_std": float(np.std(auc, ddof=1)) if len(rs) > 1 else 0.0,
+               "test_acc": float(np.mean(acc)), "test_acc_std": float(np.std(acc, ddof=1)) if len(rs) > 1 else 0.0,
+               "seconds": float(np.mean([r["seconds"] for r in rs]))}
+        at_28 = scheme == "end2end" and size == 28
+        v2 = published.get("medmnist_v2_resnet18_28", {}).get(dataset)
+        plus = published.get("medmnist_plus_resnet18_end2end", {}).get(dataset, {})
+        row["v2_resnet18_28_auroc_acc"] = "/".join(f"{x:.3f}" for x in v2) if v2 and at_28 else ""
+        row["plus_resnet18_28_acc_auroc"] = "/".join(f"{x:.2f}" for x in plus.get(28, [])) if at_28 else ""
+        table.append(row)
+    return table
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
     """The combined table in markdown, with the published figures beside ours."""
-    lines = ["| dataset | scheme | seeds | test AUROC | test ACC | MedMNIST v2 ResNet-18 (28) AUC/ACC | "
-             "MedMNIST+ ResNet-18 e2e (28) ACC/AUC x100 | s/run |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| dataset | size | scheme | epochs (batch) | seeds | test AUROC | test ACC | "
+             "MedMNIST v2 ResNet-18 (28) AUC/ACC | MedMNIST+ ResNet-18 e2e (28) ACC/AUC x100 | s/run |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
-        lines.append(f"| {r['dataset']} | {r['scheme']} | {r['seeds']} | {r['test_auroc']:.3f} ± {r['test_auroc_std']:.3f} "
-                     f"| {r['test_acc']:.3f} ± {r['test_acc_std']:.3f} | {r['v2_resnet18_28_auroc_acc'] or '-'} | "
-                     f"{r['plus_resnet18_28_acc_auroc'] or '-'} | {r['seconds']:.0f} |")
+        budget = f"{r['epochs']} ({r['batch_size']})" if r["epochs"] is not None else "-"
+        lines.append(f"| {r['dataset']} | {r['size']} | {r['scheme']} | {budget} | {r['seeds']} "
+                     f"| {r['test_auroc']:.3f} ± {r['test_auroc_std']:.3f} | {r['test_acc']:.3f} ± {r['test_acc_std']:.3f} "
+                     f"| {r['v2_resnet18_28_auroc_acc'] or '-'} | {r['plus_resnet18_28_acc_auroc'] or '-'} "
+                     f"| {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def write_tables(out: Path, combined: dict[str, Any]) -> None:
+    """baselines.json (runs, table, what produced them), baselines.csv and baselines.md under ``out``; prints the table."""
+    table = combined["table"]
+    write_text_atomic(out / "baselines.json", json.dumps(combined, indent=2, default=str))
+    write_csv(out / "baselines.csv", table, list(table[0]) if table else [])
+    write_text_atomic(out / "baselines.md", markdown(table) + "\n")
+    print(markdown(table))
+
+
+def combine_folders(folders: list[Path], out: Path, published: Path | None = None) -> dict[str, Any]:
+    """One table from the baselines.json of several runs of ``experiments/supervised.py`` (each with
+    its own subsets, size and budget), written to ``out``; each source's config is kept."""
+    sources, rows = [], []
+    for folder in folders:
+        path = Path(folder) / "baselines.json"
+        data = read_cache(path, "it cannot be combined") if path.is_file() else None
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+            raise ConfigError(f"--combine {folder}: no readable baselines.json there; run experiments/supervised.py "
+                              f"with --out {folder} first")
+        if any("size" not in r for r in data["runs"]):
+            raise ConfigError(f"--combine {folder}: {path} predates the size and budget columns; rerun the command "
+                              f"that wrote it (finished runs are reused)")
+        sources.append({"folder": str(folder), "config": data.get("config"), "device": data.get("device")})
+        rows.extend(data["runs"])
+    combined = {"sources": sources, "versions": package_versions(), "runs": rows,
+                "table": combine(rows, _published(published) if published else {})}
+    write_tables(Path(out), combined)
+    return combined
