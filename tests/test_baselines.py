@@ -19,7 +19,7 @@ from medmeta.learning.pixels import pixel_baseline
 from medmeta.learning.supervised import SupervisedConfig, SupervisedTrainer, epoch_batches
 from medmeta.settings import from_mapping
 
-from .conftest import Synthetic
+from .conftest import SYNTHETIC_SPECS, Synthetic, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,3 +178,15 @@ def test_tables_of_runs_at_other_sizes_and_budgets_combine_into_one(store: Store
     with pytest.raises(ConfigError, match="predates the size and budget columns; rerun the command"):
         combine_folders([tmp_path / "s28", tmp_path / "old"], tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+def test_frozen_features_take_batchnorm_statistics_without_a_batch_of_one(tmp_path: Path) -> None:
+    """257 training images in batches of 256 leave one, on which BatchNorm cannot take statistics
+    (1x1 features at 28px): it joins the batch before, as in training."""
+    toy257 = (2, 1, "binary", ["no", "yes"], (257, 10, 12), (28,))
+    synthetic = write_synthetic(tmp_path / "src", {**SYNTHETIC_SPECS, "toy257": toy257})
+    store = Store(tmp_path / "root", synthetic.manifest)
+    store.build("toy257", 28, source_dir=synthetic.source_dir)
+    config = from_mapping(BaselineConfig, {"datasets": ["toy257"], "schemes": ["linear"], "device": "cpu"})
+    table = Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()["table"]
+    assert [(r["scheme"], r["seeds"]) for r in table] == [("linear", 1)]

@@ -42,7 +42,7 @@ from ..files import read_cache, write_text_atomic
 from ..learning.models import Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
 from ..learning.pixels import pixel_baseline
 from ..learning.runtime import predict, resolve_device, resolved_precision
-from ..learning.supervised import SupervisedConfig, train_supervised
+from ..learning.supervised import SupervisedConfig, epoch_batches, train_supervised
 from ..methods import KNN, LinearProbe
 from ..settings import Settings, setting
 from .protocol import stable_hash
@@ -204,8 +204,8 @@ class Baselines:
         train, val, test = (self.split(name, s) for s in ("train", "val", "test"))
         backbone = self.backbone(train.task.dims, None, seed).to(self.device)
         order = np.random.default_rng(seed).permutation(len(train))[:self.config.bn_batches * 256]
-        reestimate_batchnorm(backbone, (train.get_batch(np.sort(order[i:i + 256]), self.device)[0]
-                                        for i in range(0, len(order), 256)))
+        reestimate_batchnorm(backbone, (train.get_batch(np.sort(batch), self.device)[0]
+                                        for batch in epoch_batches(order, 256)))
         backbone.eval()
         task_type = train.task.task_type
         stub = Episode(torch.empty(0), torch.empty(0), torch.empty(0), None, task_type,
