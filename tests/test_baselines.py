@@ -3,6 +3,7 @@ search, MedMNIST+'s padding, resume of interrupted training, the combined table.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,9 @@ def test_tables_of_runs_at_other_sizes_and_budgets_combine_into_one(store: Store
     assert (tmp_path / "all" / "baselines.md").read_text().count("| toyclass | ") == 2
     with pytest.raises(ConfigError, match="--combine .*s999: no readable baselines.json"):
         combine_folders([tmp_path / "s999"], tmp_path / "none")
+    shutil.copytree(tmp_path / "s28", tmp_path / "s28b")  # e.g. another recipe's run: never averaged together
+    with pytest.raises(ConfigError, match="s28b: toyclass end2end at 28px with the same budget is also in an earlier"):
+        combine_folders([tmp_path / "s28", tmp_path / "s28b"], tmp_path / "none")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "baselines.json").write_text(json.dumps({"runs": [{"dataset": "toyclass", "scheme": "knn"}]}))
     with pytest.raises(ConfigError, match="predates the size and budget columns; rerun the command"):

@@ -229,12 +229,17 @@ class Baselines:
         return out
 
 
+def _group(run: dict[str, Any]) -> tuple:
+    """A table row's identity: dataset, size, scheme and training budget."""
+    return run["dataset"], run["size"], run["scheme"], run.get("epochs"), run.get("batch_size")
+
+
 def combine(rows: list[dict[str, Any]], published: dict[str, Any]) -> list[dict[str, Any]]:
     """Mean and sd over seeds per (dataset, size, scheme, training budget), with the published
     figures (28px end-to-end rows)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["size"], r["scheme"], r.get("epochs"), r.get("batch_size")), []).append(r)
+        groups.setdefault(_group(r), []).append(r)
     table = []
     for (dataset, size, scheme, epochs, batch_size), rs in groups.items():
         auc, acc = [r["test_auroc"] for r in rs], [r["test_acc"] for r in rs]
@@ -288,6 +293,11 @@ def combine_folders(folders: list[Path], out: Path, published: Path | None = Non
         if any("size" not in r for r in data["runs"]):
             raise ConfigError(f"--combine {folder}: {path} predates the size and budget columns; rerun the command "
                               f"that wrote it (finished runs are reused)")
+        seen = {_group(r) for r in rows}
+        clash = next((g for g in map(_group, data["runs"]) if g in seen), None)
+        if clash is not None:
+            raise ConfigError(f"--combine {folder}: {clash[0]} {clash[2]} at {clash[1]}px with the same budget is also in "
+                              f"an earlier folder; combine folders of different subsets, sizes or budgets")
         sources.append({"folder": str(folder), "config": data.get("config"), "device": data.get("device")})
         rows.extend(data["runs"])
     combined = {"sources": sources, "versions": package_versions(), "runs": rows,
