@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,12 @@ def test_tables_of_runs_at_other_sizes_and_budgets_combine_into_one(store: Store
     shutil.copytree(tmp_path / "s28", tmp_path / "s28b")  # e.g. another recipe's run: never averaged together
     with pytest.raises(ConfigError, match="s28b: toyclass end2end at 28px with the same budget is also in an earlier"):
         combine_folders([tmp_path / "s28", tmp_path / "s28b"], tmp_path / "none")
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "baselines.json").write_text('{"runs": [')  # truncated by a copy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one error line, no warning before it
+        with pytest.raises(ConfigError, match=r"--combine .*cut: no readable baselines.json there \(Expecting"):
+            combine_folders([tmp_path / "cut"], tmp_path / "none")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "baselines.json").write_text(json.dumps({"runs": [{"dataset": "toyclass", "scheme": "knn"}]}))
     with pytest.raises(ConfigError, match="predates the size and budget columns; rerun the command"):

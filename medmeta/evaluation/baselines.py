@@ -286,9 +286,13 @@ def combine_folders(folders: list[Path], out: Path, published: Path | None = Non
     sources, rows = [], []
     for folder in folders:
         path = Path(folder) / "baselines.json"
-        data = read_cache(path, "it cannot be combined") if path.is_file() else None
+        why = ""
+        try:  # an input here, not a cache (read_cache): unreadable is one error line, no warning before it
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            data, why = None, "" if isinstance(exc, FileNotFoundError) else f" ({exc})"
         if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
-            raise ConfigError(f"--combine {folder}: no readable baselines.json there; run experiments/supervised.py "
+            raise ConfigError(f"--combine {folder}: no readable baselines.json there{why}; run experiments/supervised.py "
                               f"with --out {folder} first")
         if any("size" not in r for r in data["runs"]):
             raise ConfigError(f"--combine {folder}: {path} predates the size and budget columns; rerun the command "
