@@ -3,8 +3,11 @@
 Episodes are 5-way, 5-shot, 10 queries per class (75 images). The naive loader is written
 the way a user would: a label index built by a Python loop over the labels, then per episode
 ``random.sample`` per class and ``torch.stack`` of ``dataset[i]`` items. Both read the same
-``MedMNISTTask`` (images in memory at 28px). Beside them, two floors: the uint8 gather of an
-episode's images alone, and with their exact float32 conversion (indices drawn in advance).
+``MedMNISTTask`` (images in memory at 28px). Ours is timed twice: float32 episodes (images in
+[0, 1], the default) and uint8 episodes (``dtype=torch.uint8``: the stored pixels, converted by
+``Episode.as_float()`` where they are used, e.g. on the GPU). Beside them, two floors: the uint8
+gather of an episode's images alone, and with their exact float32 conversion (indices drawn in
+advance).
 The 224px figure reads a synthetic RGB subset from HDF5 (images not in memory) and reports
 peak resident memory for that phase, measured by resetting the kernel's high-water mark
 (/proc/self/clear_refs) and reading VmHWM.
@@ -58,6 +61,10 @@ def naive_episodes(ds: MedMNISTTask, n_episodes: int, seed: int = 0) -> Iterator
 
 def ours(ds: MedMNISTTask, n_episodes: int, seed: int = 0) -> Iterator[object]:
     return EpisodeSampler(ds, N_WAY, K_SHOT, N_QUERY, n_episodes=n_episodes, seed=seed).episodes()
+
+
+def ours_uint8(ds: MedMNISTTask, n_episodes: int, seed: int = 0) -> Iterator[object]:
+    return EpisodeSampler(ds, N_WAY, K_SHOT, N_QUERY, n_episodes=n_episodes, seed=seed).episodes(dtype=torch.uint8)
 
 
 def ours_indices(ds: MedMNISTTask, n_episodes: int, seed: int = 0) -> Iterator[object]:
@@ -139,13 +146,14 @@ def main() -> None:
     for task in args.tasks:
         ds = MedMNISTTask(args.root, task, "train", in_memory=True)
         a = rate(ours, ds, args.episodes, args.repeats)
+        u = rate(ours_uint8, ds, args.episodes, args.repeats)
         b = rate(naive_episodes, ds, args.naive_episodes, args.repeats)
         idx = rate(ours_indices, ds, args.episodes * 4, args.repeats)
         gather, converted = floor_rates(ds, args.episodes, args.repeats)
         shape = "x".join(map(str, ds.to_tensor(ds.raw_images([0])).shape[1:]))
-        print(f"{ds.task.task_id:>14} 28px {shape:>8} in memory: medmeta {a:9,.0f} episodes/s | naive {b:7,.0f} "
-              f"episodes/s | ratio {a / b:5.1f}x | indices only {idx:9,.0f} episodes/s | floor: uint8 gather "
-              f"{gather:9,.0f}, + float32 {converted:9,.0f} episodes/s")
+        print(f"{ds.task.task_id:>14} 28px {shape:>8} in memory: medmeta float32 {a:7,.0f} episodes/s, uint8 "
+              f"{u:7,.0f} | naive {b:5,.0f} episodes/s | ratio {a / b:5.1f}x (float32) | indices only {idx:8,.0f} "
+              f"episodes/s | floor: uint8 gather {gather:8,.0f}, + float32 {converted:7,.0f} episodes/s")
 
     with tempfile.TemporaryDirectory(prefix="medmeta_bench_") as tmp:
         store = synthetic_224(Path(tmp), args.n224)

@@ -22,6 +22,7 @@ from medmeta.episodes.sampling import _distinct
 from medmeta.data.manifest import SPLITS, parse_manifest
 from medmeta.data.store import Store
 from medmeta.data.tasks import MedMNISTTask
+from medmeta.data.transforms import unit_float
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -360,6 +361,72 @@ def test_hdf5_and_piecewise_reads_give_the_same_episodes(real: Store, monkeypatc
             _same(a, b)
     meta = next(sampler.episodes(device="meta"))
     assert meta.query_x.device.type == "meta" and meta.query_x.shape == (30, 3, 28, 28)
+
+
+def test_uint8_episodes_are_the_stored_pixels_and_convert_to_the_float_episodes(
+        synth: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    rgb = MedMNISTTask(synth, "sixway", "train")
+    grey = MedMNISTTask(synth, "chesty", "train", in_memory=False)
+    for ds, n_way in ((rgb, 3), (grey, None)):
+        sampler = EpisodeSampler(ds, n_way, 2, 3, n_episodes=40, seed=1)
+        floats = list(sampler.episodes())
+        for got in (list(sampler.episodes(dtype=torch.uint8)), list(sampler.loader(dtype=torch.uint8, num_workers=1)),
+                    [sampler.episode(i, dtype=torch.uint8) for i in range(40)],
+                    list(sampler.episode_set().episodes(ds, dtype=torch.uint8))):
+            for a, b in zip(got, floats, strict=True):
+                assert a.support_x.dtype == a.query_x.dtype == torch.uint8
+                assert a.support_x.shape == b.support_x.shape and a.query_x.shape == b.query_x.shape
+                assert torch.equal(a.query_x, ds.pixels(ds.raw_images(a.query_indices)))
+                _same(a.as_float(), b)
+        assert floats[0].as_float() is floats[0]
+    # a piece smaller than one episode: the uint8 gather is split and joined like the float one
+    monkeypatch.setattr(loading_module, "CHUNK_BYTES", 4 * 3 * 28 * 28)
+    sampler = EpisodeSampler(rgb, 3, 2, 3, n_episodes=3, seed=1)
+    for a, b in zip(sampler.episodes(dtype=torch.uint8), sampler.episodes(), strict=True):
+        _same(a.as_float(), b)
+
+
+def test_unit_float_is_the_correctly_rounded_division() -> None:
+    pixels = torch.arange(256, dtype=torch.uint8)
+    exact = torch.from_numpy((np.arange(256) / 255).astype(np.float32))  # float64 quotient, rounded once
+    assert torch.equal(unit_float(pixels), exact)
+    layout = pixels.view(4, 8, 8).permute(0, 2, 1)
+    assert unit_float(layout).stride() == layout.stride(), "the memory layout is kept"
+    with pytest.raises(TypeError, match="uint8"):
+        unit_float(exact)
+
+
+def test_uint8_episodes_refused_before_any_work(synth: Store) -> None:
+    flipped = MedMNISTTask(synth, "sixway", "train", transform=lambda img: img.flip(-1))
+    sampler = EpisodeSampler(flipped, 3, 2, 3, n_episodes=4)
+    with pytest.raises(ValueError, match=r"sixway/train: uint8 pixels are the stored images, but this dataset has a "
+                                         r"transform"):
+        sampler.episodes(dtype=torch.uint8)
+    with pytest.raises(ValueError, match="sixway/train: uint8 pixels"):
+        sampler.loader(dtype=torch.uint8)
+    with pytest.raises(ValueError, match="sixway: uint8 pixels are the stored images"):
+        flipped.get_batch([0, 1], dtype=torch.uint8)
+    plain = MedMNISTTask(synth, "sixway", "train")
+    for bad in (torch.float64, torch.int64):
+        with pytest.raises(ValueError, match=f"dtype must be torch.float32 .* or torch.uint8 .*got {bad}"):
+            EpisodeSampler(plain, 3, 2, 3, n_episodes=4).episodes(dtype=bad)
+        with pytest.raises(ValueError, match="dtype must be torch.float32"):
+            plain.get_batch([0], dtype=bad)
+
+    class Items(torch.utils.data.Dataset):
+        """A dataset of (image, label) items only, as a user might write."""
+        task, split, labels = plain.task, plain.split, plain.labels
+
+        def __len__(self) -> int:
+            return len(plain)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return plain[i]
+
+    with pytest.raises(ValueError, match="sixway/train: Items has no get_batch.*read float32 episodes"):
+        EpisodeSampler(Items(), 3, 2, 3, n_episodes=4).episodes(dtype=torch.uint8)
+    _same(next(EpisodeSampler(Items(), 3, 2, 3, n_episodes=4).episodes()),
+          next(EpisodeSampler(plain, 3, 2, 3, n_episodes=4).episodes()))
 
 
 def test_device_and_pin(real: Store) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import math
 
@@ -253,6 +254,22 @@ def test_state_dict_resume_is_bit_identical(meta_sgd: bool) -> None:
         assert torch.equal(va, vb), k
     for k in a.inner_lrs:
         assert torch.equal(a.inner_lrs[k], b.inner_lrs[k]), k
+
+
+def test_meta_step_takes_uint8_pixel_episodes_as_their_float_images() -> None:
+    gen = torch.Generator().manual_seed(5)
+    raw = [quadrant_episode(gen) for _ in range(2)]
+    pixels = [dataclasses.replace(ep, support_x=(ep.support_x.clamp(0, 1) * 255).to(torch.uint8),
+                                  query_x=(ep.query_x.clamp(0, 1) * 255).to(torch.uint8)) for ep in raw]
+    losses, states = [], []
+    for batch in (pixels, [ep.as_float() for ep in pixels]):
+        torch.manual_seed(0)
+        maml = MAML(ToyNet(), inner_steps=2, inner_lr=0.3)
+        losses.append([maml.meta_step(batch) for _ in range(2)])
+        states.append(maml.backbone.state_dict())
+    assert pixels[0].support_x.dtype == torch.uint8 and losses[0] == losses[1]
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
 
 
 def test_meta_step_keeps_running_stats_and_mode() -> None:

@@ -22,6 +22,7 @@ from ..errors import ConfigError, StoreError
 from ..tasktype import TaskType
 from .manifest import SPLITS, Manifest, SubsetInfo, load_manifest
 from .store import Store, labels_problem, open_store_file, rebuild_hint
+from .transforms import PIXEL_DTYPES, unit_float
 
 # Splits whose images fit comfortably in memory are loaded whole when in_memory is None.
 AUTO_IN_MEMORY_BYTES = 512 * 2**20
@@ -171,42 +172,43 @@ class MedMNISTTask(Dataset):
         with self._corruption_is_one_line():
             return np.stack([dsets[p][i] for p, i in zip(part.tolist(), local.tolist())])
 
+    def pixels(self, raw: np.ndarray) -> torch.Tensor:
+        """uint8 images (batch first, npz layout) as a uint8 tensor (N, C, ...), channels first in
+        shape; a view, so RGB images stay channels-last in memory."""
+        x = torch.from_numpy(raw)
+        return x.permute(0, 3, 1, 2) if raw.ndim == 4 and self.task.dims == 2 else x.unsqueeze(1)
+
     def to_tensor(self, raw: np.ndarray) -> torch.Tensor:
-        """uint8 images (batch first, npz layout) to float tensors in [0, 1], channels first.
-
-        One cast and one in-place division over the gathered pixels, in their memory order
-        (RGB images come out channels-first in shape, channels-last in memory).
-        """
-        x = raw.astype(np.float32)
-        np.divide(x, np.float32(255.0), out=x)
-        return self._channels_first(torch.from_numpy(x), raw.ndim)
-
-    def _channels_first(self, x: torch.Tensor, raw_ndim: int) -> torch.Tensor:
-        """(N, H, W, C) RGB or (N, H, W) / (N, D, H, W) grey, as the model's (N, C, ...)."""
-        return x.permute(0, 3, 1, 2) if raw_ndim == 4 and self.task.dims == 2 else x.unsqueeze(1)
+        """uint8 images (batch first, npz layout) to float tensors in [0, 1], channels first
+        (``unit_float`` of ``pixels``: one cast and one division, in memory order)."""
+        return unit_float(self.pixels(raw))
 
     def label_tensor(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         y = torch.from_numpy(self.labels[np.asarray(indices, dtype=np.int64)])
         return y.to(self.task.task_type.label_dtype)
 
-    def get_batch(self, indices: Sequence[int] | np.ndarray, device: torch.device | str | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def get_batch(self, indices: Sequence[int] | np.ndarray, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and labels for many indices at once, with ``transform`` applied per image, on
-        ``device`` if given.
+        ``device`` if given. ``dtype=torch.uint8`` gives the stored pixels (no transform applies).
 
         To a CUDA device (no transform), the uint8 pixels are pinned, copied without blocking and
         converted there: a quarter of the bytes cross the bus and the host does no float work
         (the host conversion was half of each mm-PT step at 224px on an H200). The values are
-        those of the host path (one float32 division each).
+        those of the host path (``unit_float``).
         """
+        if dtype not in PIXEL_DTYPES:
+            raise ConfigError(f"dtype must be torch.float32 (images in [0, 1]) or torch.uint8 (pixels as stored), "
+                              f"got {dtype}")
+        if dtype == torch.uint8 and self.transform is not None:
+            raise ConfigError(f"{self.task.task_id}: uint8 pixels are the stored images, but this dataset has a "
+                              f"transform ({self.transform!r}), which takes float images; read float32 images")
         device = None if device is None else torch.device(device)
         on_gpu = device is not None and device.type == "cuda"
         convert_there = on_gpu and self.transform is None
-        raw = self.raw_images(indices)
-        if convert_there:
-            x = torch.from_numpy(raw)  # uint8 until it is on the device
-        else:
-            x = self.to_tensor(raw)
+        x = self.pixels(self.raw_images(indices))
+        if dtype == torch.float32 and not convert_there:
+            x = unit_float(x)
             if self.transform is not None:
                 x = torch.stack([self.transform(img) for img in x])
         y = self.label_tensor(indices)
@@ -215,11 +217,8 @@ class MedMNISTTask(Dataset):
         if on_gpu:
             x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if convert_there:
-            # a device tensor, not a Python number: CUDA divides by a scalar as a multiplication by
-            # its reciprocal, one ulp away from the host's division for some pixel values
-            x = self._channels_first(x.float().div_(torch.full((), 255.0, dtype=torch.float32, device=device)),
-                                     raw.ndim)
+        if dtype == torch.float32 and convert_there:
+            x = unit_float(x)
         return x, y
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,9 @@
-"""Per-image transforms for ``MedMNISTTask(transform=...)``: MedMNIST+'s ways of feeding small
-images to a network built for a larger input.
+"""Pixel conversion and per-image transforms.
+
+``unit_float`` turns stored uint8 pixels into the float32 images in [0, 1] every model takes,
+with the same values on every device. ``PadTo`` and ``ResizeTo`` (for
+``MedMNISTTask(transform=...)``) are MedMNIST+'s ways of feeding small images to a network
+built for a larger input.
 
 MedMNIST+'s released code normalises images, then zero-pads them to the network's input size
 (224): it does not resize. medmeta's 2D backbones normalise inside ``forward``, so ``PadTo``
@@ -9,12 +13,35 @@ alternative.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 """The normalisation every 2D backbone applies inside ``forward`` (``learning.models``)."""
+
+PIXEL_DTYPES = (torch.float32, torch.uint8)
+"""What images can be read as: float32 in [0, 1] (what models take), or uint8 pixels as stored
+(0..255, torchvision's convention), a quarter of the bytes, converted by ``unit_float`` where
+they are used (e.g. on the GPU after the transfer)."""
+
+
+def unit_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape and layout, any device) as float32 in [0, 1]: ``x / 255``
+    correctly rounded, so the values are identical on every device.
+
+    On the CPU numpy's cast and in-place division (faster than torch's there, and keeping the
+    memory layout); elsewhere a division by a device tensor: CUDA divides by a Python scalar as
+    a multiplication by its reciprocal, one ulp away for some pixel values.
+    """
+    if pixels.dtype != torch.uint8:
+        raise TypeError(f"unit_float takes uint8 pixels, got {pixels.dtype}")
+    if pixels.device.type == "cpu":
+        x = pixels.numpy().astype(np.float32)
+        np.divide(x, np.float32(255.0), out=x)
+        return torch.from_numpy(x)
+    return pixels.float().div_(torch.full((), 255.0, dtype=torch.float32, device=pixels.device))
 
 
 class PadTo:

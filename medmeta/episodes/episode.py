@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Union
 import numpy as np
 import torch
 
+from ..data.transforms import unit_float
 from ..tasktype import TaskType
 
 Device = Union[str, torch.device, None]
@@ -77,7 +78,9 @@ class EpisodeSpec:
 
 @dataclass(eq=False)
 class Episode:
-    """One few-shot episode as plain tensors: images in [0, 1], channels first.
+    """One few-shot episode as plain tensors: images channels first, float32 in [0, 1] (what
+    models take), or uint8 pixels as stored when read with ``dtype=torch.uint8`` (a quarter of
+    the bytes to pass between processes or to a GPU; ``as_float()`` converts them there).
 
     ``query_y`` is None in the episodes the protocol hands to adaptation rules, so a rule
     cannot see the answers. The fields after ``classes`` say where the episode came from;
@@ -126,6 +129,13 @@ class Episode:
     def _map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Episode:
         return replace(self, support_x=fn(self.support_x), support_y=fn(self.support_y), query_x=fn(self.query_x),
                        query_y=None if self.query_y is None else fn(self.query_y))
+
+    def as_float(self) -> Episode:
+        """The episode with float32 images in [0, 1], converted on its device (exactly the values a
+        float32 read gives); an episode whose images are already float is returned as it is."""
+        if self.support_x.dtype != torch.uint8:
+            return self
+        return replace(self, support_x=unit_float(self.support_x), query_x=unit_float(self.query_x))
 
     def to(self, device: Device, non_blocking: bool = False) -> Episode:
         return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))

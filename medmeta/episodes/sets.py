@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from .._version import __version__
@@ -77,16 +78,17 @@ class EpisodeSet:
             raise EpisodeError(f"episode set {self.task_id}/{self.split} at {self.size}px does not match the dataset: "
                              f"it has {', '.join(wrong)}")
 
-    def episodes(self, dataset: EpisodeSource, device: Device = None, non_blocking: bool = False
-                 ) -> Iterator[Episode]:
+    def episodes(self, dataset: EpisodeSource, device: Device = None, non_blocking: bool = False,
+                 dtype: torch.dtype = torch.float32) -> Iterator[Episode]:
         """The set's episodes from ``dataset``, after checking the dataset is the one it was drawn from."""
         self.check(dataset)
-        return materialise(dataset, self.specs, device=device, non_blocking=non_blocking)
+        return materialise(dataset, self.specs, device=device, non_blocking=non_blocking, dtype=dtype)
 
-    def loader(self, dataset: EpisodeSource, **dataloader_kwargs: Any) -> DataLoader:
+    def loader(self, dataset: EpisodeSource, dtype: torch.dtype = torch.float32, **dataloader_kwargs: Any
+               ) -> DataLoader:
         """A DataLoader over the set's episodes (images gathered in its workers)."""
         self.check(dataset)
-        return DataLoader(EpisodeDataset(dataset), batch_sampler=list(self.specs), collate_fn=collate_episode,
+        return DataLoader(EpisodeDataset(dataset, dtype), batch_sampler=list(self.specs), collate_fn=collate_episode,
                           **dataloader_kwargs)
 
 
