@@ -12,8 +12,8 @@ The 224px figure reads a synthetic RGB subset from HDF5 (images not in memory) a
 peak resident memory for that phase, measured by resetting the kernel's high-water mark
 (/proc/self/clear_refs) and reading VmHWM.
 
-Runs pinned to CPU 0 with one torch thread. Figures are the best of ``--repeats`` runs,
-because other processes share this machine.
+Runs pinned to CPU 0 with one torch thread. Figures are the best of ``--repeats`` runs, timed in
+rounds (each variant once per round), because other processes share this machine.
 
     python benchmarks/episodes.py --root /tmp/mmroot                  # organa (grey) and blood (RGB)
     python benchmarks/episodes.py --root /tmp/mmroot --tasks retina --episodes 5000
@@ -74,27 +74,35 @@ def ours_indices(ds: MedMNISTTask, n_episodes: int, seed: int = 0) -> Iterator[o
 def rate(make: Callable[[MedMNISTTask, int, int], Iterator[object]], ds: MedMNISTTask, n: int,
          repeats: int) -> float:
     """Best episodes/s over ``repeats`` runs (sampler construction included)."""
-    best = 0.0
-    for r in range(repeats):
-        start = time.perf_counter()
-        count = sum(1 for _ in make(ds, n, r))
-        best = max(best, count / (time.perf_counter() - start))
-    return best
+    return max(timed(make, ds, n, r) for r in range(repeats))
 
 
-def floor_rates(ds: MedMNISTTask, n: int, repeats: int) -> tuple[float, float]:
-    """Episodes/s of the bare minimum every episode costs, with the indices drawn in advance: the
-    gather of its 75 images alone, and the gather plus the exact float32 conversion to [0, 1]
-    (the task's own ``to_tensor``). No sampler can beat the second on this machine."""
+def timed(make: Callable[[MedMNISTTask, int, int], Iterator[object]], ds: MedMNISTTask, n: int, seed: int) -> float:
+    """Episodes/s of one run of ``n`` episodes."""
+    start = time.perf_counter()
+    count = sum(1 for _ in make(ds, n, seed))
+    return count / (time.perf_counter() - start)
+
+
+def floors(ds: MedMNISTTask, n: int) -> dict[str, Callable[[MedMNISTTask, int, int], Iterator[object]]]:
+    """The bare minimum every episode costs, with the indices drawn in advance: the gather of its
+    75 images alone, and the gather plus the exact float32 conversion to [0, 1] (the task's own
+    ``to_tensor``). No float32 sampler can beat the second on this machine."""
     rows = np.random.default_rng(0).integers(0, len(ds), (n, N_WAY * (K_SHOT + N_QUERY)))
-    best = [0.0, 0.0]
-    for _ in range(repeats):
-        for k, work in enumerate((ds.raw_images, lambda r: ds.to_tensor(ds.raw_images(r)))):
-            start = time.perf_counter()
-            for r in rows:
-                work(r)
-            best[k] = max(best[k], n / (time.perf_counter() - start))
-    return best[0], best[1]
+    return {"gather": lambda d, k, seed: (d.raw_images(r) for r in rows[:k]),
+            "convert": lambda d, k, seed: (d.to_tensor(d.raw_images(r)) for r in rows[:k])}
+
+
+def rates_28px(ds: MedMNISTTask, episodes: int, naive: int, repeats: int) -> dict[str, float]:
+    """Best episodes/s of each variant, timed in rounds (every variant once per round), so that a
+    slow spell of this shared machine hits all of them alike."""
+    runs = {"float32": (ours, episodes), "uint8": (ours_uint8, episodes), "naive": (naive_episodes, naive),
+            "indices": (ours_indices, 4 * episodes), **{k: (f, episodes) for k, f in floors(ds, episodes).items()}}
+    best = dict.fromkeys(runs, 0.0)
+    for r in range(repeats):
+        for name, (make, n) in runs.items():
+            best[name] = max(best[name], timed(make, ds, n, r))
+    return best
 
 
 def smooth_images(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
@@ -145,15 +153,12 @@ def main() -> None:
           f"{N_WAY}-way {K_SHOT}-shot {N_QUERY} queries/class, best of {args.repeats}")
     for task in args.tasks:
         ds = MedMNISTTask(args.root, task, "train", in_memory=True)
-        a = rate(ours, ds, args.episodes, args.repeats)
-        u = rate(ours_uint8, ds, args.episodes, args.repeats)
-        b = rate(naive_episodes, ds, args.naive_episodes, args.repeats)
-        idx = rate(ours_indices, ds, args.episodes * 4, args.repeats)
-        gather, converted = floor_rates(ds, args.episodes, args.repeats)
+        r = rates_28px(ds, args.episodes, args.naive_episodes, args.repeats)
         shape = "x".join(map(str, ds.to_tensor(ds.raw_images([0])).shape[1:]))
-        print(f"{ds.task.task_id:>14} 28px {shape:>8} in memory: medmeta float32 {a:7,.0f} episodes/s, uint8 "
-              f"{u:7,.0f} | naive {b:5,.0f} episodes/s | ratio {a / b:5.1f}x (float32) | indices only {idx:8,.0f} "
-              f"episodes/s | floor: uint8 gather {gather:8,.0f}, + float32 {converted:7,.0f} episodes/s")
+        print(f"{ds.task.task_id:>14} 28px {shape:>8} in memory: medmeta float32 {r['float32']:7,.0f} episodes/s, "
+              f"uint8 {r['uint8']:7,.0f} | naive {r['naive']:5,.0f} episodes/s | ratio {r['float32'] / r['naive']:5.1f}x "
+              f"(float32) | indices only {r['indices']:8,.0f} episodes/s | floor: uint8 gather {r['gather']:8,.0f}, "
+              f"+ float32 {r['convert']:7,.0f} episodes/s")
 
     with tempfile.TemporaryDirectory(prefix="medmeta_bench_") as tmp:
         store = synthetic_224(Path(tmp), args.n224)

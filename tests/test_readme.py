@@ -44,3 +44,17 @@ def test_the_readme_method_example_runs_as_written(tmp_path: Path, real_dir: Pat
     # The same rule on the same episodes gives the same numbers through the CLI and the API.
     assert api_results["methods"]["mine"]["per_episode"] == mine["per_episode"]
     assert os.path.isfile(tmp_path / "runs" / "mine" / "results.json")
+
+
+def test_the_readme_sampling_example_runs_as_written(tmp_path: Path, real_dir: Path, monkeypatch, capsys) -> None:
+    from medmeta.data.store import Store
+
+    ((lang, code),) = blocks("## Sampling episodes")
+    assert lang == "python" and 'root = "~/.medmeta"' in code
+    Store(tmp_path / "root").build("retina", 28, source_dir=real_dir, download=False)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace('root = "~/.medmeta"', f"root = {str(tmp_path / 'root')!r}"), "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and printed[-1].split()[0] == "torch.float32", printed
+    assert 0 < float(printed[-1].split()[1]) <= 1, "uint8 pixels converted to [0, 1]"
+    assert (tmp_path / "retina_5shot.json").is_file()
