@@ -292,6 +292,19 @@ def test_episode_is_a_pure_function_of_its_index(real: Store) -> None:
     assert [s.support_indices.tolist() for s in other_split] != [s.support_indices.tolist() for s in short]
 
 
+def test_episodes_are_those_of_earlier_versions(tmp_path: Path) -> None:
+    """The draw is part of the reproducibility contract: this digest of 600 episodes on skewed
+    class sizes was computed at commit e829fc3 (medmeta 0.2.0); a change to the sampling code
+    that alters any episode fails here."""
+    sizes = [16, 20, 35, 60, 100, 200]
+    skewed = {s: np.repeat(np.arange(6), sizes)[np.random.default_rng(3).permutation(sum(sizes))] for s in SPLITS}
+    store = make_store(tmp_path, {"skewed": ("multi-class", [f"c{i}" for i in range(6)], 1, skewed)})
+    ds = MedMNISTTask(store, "skewed", "train")
+    specs = list(EpisodeSampler(ds, 3, 5, 10, n_episodes=300, seed=4)) + list(
+        MultiTaskEpisodeSampler([ds], None, 6, 10, n_episodes=300, seed=4, variable=True))
+    assert _digest(specs) == 3752861233
+
+
 _CHILD = """
 import sys, zlib, numpy as np
 from medmeta.data.store import Store
