@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from itertools import chain
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -104,10 +105,14 @@ def _targets(task: TaskDescription, labels: np.ndarray, specs: Sequence[EpisodeS
     if task.task_type.multilabel:
         columns = np.concatenate([np.broadcast_to(np.asarray(s.classes), (len(s), len(s.classes))) for s in specs])
         return torch.from_numpy(np.take_along_axis(labels[rows], columns, axis=1).astype(np.float32))
+    # lut[e, c]: episode e's label for original class c (-1: not one of its classes), filled at once:
+    # the i-th class of episode e gets label i
+    ways = [len(s.classes) for s in specs]
+    classes = np.fromiter(chain.from_iterable(s.classes for s in specs), np.int64, sum(ways))
+    episode = np.repeat(np.arange(len(specs)), ways)
     lut = np.full((len(specs), max(task.num_classes, 1)), -1, dtype=np.int64)
-    for e, s in enumerate(specs):
-        lut[e, list(s.classes)] = np.arange(len(s.classes))
-    which = np.repeat(np.arange(len(specs)), [len(s) for s in specs])
+    lut[episode, classes] = np.arange(len(classes)) - np.repeat(np.cumsum(ways) - ways, ways)
+    which = np.repeat(np.arange(len(specs)), [len(s.support_indices) + len(s.query_indices) for s in specs])
     original = labels[rows]
     y = lut[which, original]
     if (y < 0).any():
@@ -188,17 +193,22 @@ def materialise(datasets: EpisodeSource | Sequence[EpisodeSource], specs: Iterab
 def _stream(table: dict[tuple[str, str], EpisodeSource], specs: Iterable[EpisodeSpec], out: _Output
             ) -> Iterator[Episode]:
     chunk: list[EpisodeSpec] = []
-    used = 0
+    used, key, image_bytes = 0, None, 0
     for spec in specs:
-        size = len(spec) * _image_bytes(_find(table, spec).task, out.dtype)
-        if chunk and ((spec.task_id, spec.split) != (chunk[0].task_id, chunk[0].split)
-                      or used + size > CHUNK_BYTES):
-            yield from _assemble(_find(table, chunk[0]), chunk, out)
+        if (spec.task_id, spec.split) != key:
+            if chunk:
+                yield from _assemble(table[key], chunk, out)  # type: ignore[index]
+                chunk, used = [], 0
+            image_bytes = _image_bytes(_find(table, spec).task, out.dtype)
+            key = spec.task_id, spec.split
+        size = (len(spec.support_indices) + len(spec.query_indices)) * image_bytes
+        if chunk and used + size > CHUNK_BYTES:
+            yield from _assemble(table[key], chunk, out)
             chunk, used = [], 0
         chunk.append(spec)
         used += size
     if chunk:
-        yield from _assemble(_find(table, chunk[0]), chunk, out)
+        yield from _assemble(table[key], chunk, out)  # type: ignore[index]
 
 
 class EpisodeDataset(Dataset):

@@ -85,19 +85,20 @@ def _distinct(rng: np.random.Generator, n: np.ndarray, m: int) -> np.ndarray:
     """Row r: m distinct integers from range(n[r]), uniformly, in uniformly random order.
 
     Floyd's algorithm vectorised over rows (m steps whatever n is, exact even when n == m),
-    then a shuffle so that any prefix is itself a uniform subset.
+    then a shuffle so that any prefix is itself a uniform subset. Picks are held step-major, so
+    the membership test reduces across contiguous rows.
     """
     rows = len(n)
     u = rng.random((rows, m))
-    out = np.empty((rows, m), dtype=np.int64)
+    out = np.empty((m, rows), dtype=np.int64)
     for s in range(m):
         j = n - (m - s)
         t = (u[:, s] * (j + 1)).astype(np.int64)
         if s:
-            t = np.where((out[:, :s] == t[:, None]).any(axis=1), j, t)
-        out[:, s] = t
+            t = np.where((out[:s] == t).any(axis=0), j, t)
+        out[s] = t
     order = np.argsort(rng.random((rows, m)), axis=1, kind="stable")
-    return np.take_along_axis(out, order, axis=1)
+    return np.take_along_axis(out.T, order, axis=1)
 
 
 class _TaskPlan:
