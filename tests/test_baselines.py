@@ -3,6 +3,7 @@ search, MedMNIST+'s padding, resume of interrupted training, the combined table.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from medmeta.data.transforms import IMAGENET_MEAN, PadTo, ResizeTo
 from medmeta.errors import ConfigError
 from medmeta.evaluation.baselines import BaselineConfig, Baselines, combine_folders
 from medmeta.learning.models import Classifier, build_backbone
+from medmeta.learning import pixels
 from medmeta.learning.pixels import pixel_baseline
 from medmeta.learning.supervised import SupervisedConfig, SupervisedTrainer, epoch_batches
 from medmeta.settings import from_mapping
@@ -83,6 +85,29 @@ def test_pixel_baseline_on_a_learnable_multilabel_task(store: Store) -> None:
     result = pixel_baseline(train, val, test, seed=0)
     assert result["model"] in result["val_auroc_by_model"] and len(result["val_auroc_by_model"]) == 4
     assert 0 <= result["test_auroc"] <= 1 and 0 <= result["test_acc"] <= 1
+
+
+def test_pixel_search_leaves_out_boosting_that_would_not_fit(store: Store, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    splits = [MedMNISTTask(store, "toyclass", s) for s in ("train", "val", "test")]
+    features = splits[0].raw_images([0]).size
+    monkeypatch.setattr(pixels, "available_memory", lambda: pixels.HGB_BYTES_PER_FEATURE * features - 1)
+    result = pixel_baseline(*splits, seed=0)
+    assert set(result["val_auroc_by_model"]) == {"logreg-C0.01", "logreg-C1", "forest"}
+    assert f"for {features:,} features" in result["left_out"]["hgb"]
+    assert capsys.readouterr().out.startswith("toyclass: pixel search without gradient boosting: its histograms need")
+    monkeypatch.setattr(pixels, "available_memory", lambda: pixels.HGB_BYTES_PER_FEATURE * features)
+    assert "hgb" in pixel_baseline(*splits, seed=0)["val_auroc_by_model"]
+    monkeypatch.setattr(pixels, "available_memory", lambda: None)  # unknown: every candidate
+    assert pixel_baseline(*splits, seed=0)["left_out"] == {}
+
+
+def test_available_memory_reads_the_kernels_figure() -> None:
+    free = pixels.available_memory()
+    if Path("/proc/meminfo").is_file():
+        assert free is not None and 2**20 < free < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        assert free is None
 
 
 def test_supervised_training_resumes_exactly(store: Store, tmp_path: Path) -> None:
