@@ -73,7 +73,7 @@ def _check_pixels(table: dict[tuple[str, str], EpisodeSource], dtype: torch.dtyp
                                f"cannot give uint8 pixels; read float32 episodes")
         if getattr(d, "transform", None) is not None:
             raise EpisodeError(f"{task_id}/{split}: uint8 pixels are the stored images, but this dataset has a "
-                               f"transform ({d.transform!r}), which takes float images; read float32 episodes")
+                               f"transform ({type(d.transform).__name__}), which takes float images; read float32 episodes")
 
 
 @dataclass(frozen=True)
