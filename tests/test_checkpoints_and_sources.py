@@ -10,6 +10,7 @@ import torch
 
 from medmeta.data.store import Store
 from medmeta.data.tasks import MedMNISTTask
+from medmeta.episodes import MultiTaskEpisodeSampler
 from medmeta.evaluation import run_protocol
 from medmeta.learning.maml import MAMLConfig, train_maml
 from medmeta.learning.models import build_backbone
@@ -79,6 +80,22 @@ def test_maml_with_a_multilabel_source_and_checkpoint_binding(store: Store, tmp_
     assert maml.backbone is not None
     with pytest.raises(ValueError, match=r"inner_lr: 0\.1 in the checkpoint, 0\.05 now"):
         train_maml(_backbone(), train, config.replace(inner_lr=0.05), CPU, checkpoint=tmp_path / "maml.pt")
+
+
+def test_maml_reads_float_episodes_on_a_cpu(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """uint8 episodes only move the conversion on a CPU: there MAML reads float32, so its runs are
+    those of earlier versions bit for bit (on a GPU it reads uint8 and converts there)."""
+    asked = []
+    read = MultiTaskEpisodeSampler.episode
+
+    def spy(self, index, device=None, dtype=torch.float32):
+        asked.append(dtype)
+        return read(self, index, device, dtype)
+
+    monkeypatch.setattr(MultiTaskEpisodeSampler, "episode", spy)
+    config = MAMLConfig(steps=2, meta_batch=2, inner_steps=1, max_shot=2, n_query=2, first_order=True)
+    train_maml(_backbone(), _sources(store, "train"), config, CPU)
+    assert asked == [torch.float32] * 4
 
 
 def _tiny(**overrides):

@@ -6,6 +6,7 @@ import dataclasses
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -261,8 +262,12 @@ def test_meta_step_takes_uint8_pixel_episodes_as_their_float_images() -> None:
     raw = [quadrant_episode(gen) for _ in range(2)]
     pixels = [dataclasses.replace(ep, support_x=(ep.support_x.clamp(0, 1) * 255).to(torch.uint8),
                                   query_x=(ep.query_x.clamp(0, 1) * 255).to(torch.uint8)) for ep in raw]
+    # float images made here, not by Episode.as_float: x / 255 in float32, correctly rounded
+    floats = [dataclasses.replace(ep, support_x=torch.from_numpy(ep.support_x.numpy() / np.float32(255)),
+                                  query_x=torch.from_numpy(ep.query_x.numpy() / np.float32(255))) for ep in pixels]
+    assert floats[0].support_x.dtype == torch.float32
     losses, states = [], []
-    for batch in (pixels, [ep.as_float() for ep in pixels]):
+    for batch in (pixels, floats):
         torch.manual_seed(0)
         maml = MAML(ToyNet(), inner_steps=2, inner_lr=0.3)
         losses.append([maml.meta_step(batch) for _ in range(2)])

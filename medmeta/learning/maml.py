@@ -243,12 +243,13 @@ def train_maml(backbone: nn.Module, train: Mapping[str, MedMNISTTask], config: M
 
     Meta-step s uses episodes s * meta_batch ... (s + 1) * meta_batch - 1 of a seeded
     multi-task sampler, so resuming from the checkpoint replays exactly the same episodes.
-    Without per-image transforms they are read as uint8 pixels and converted on the device (the
-    same values as a float read; on a GPU a quarter of the bytes cross the bus and the host does
-    no float work).
+    On a GPU, without per-image transforms, they are read as uint8 pixels and converted there (the
+    same values as a float read; a quarter of the bytes cross the bus and the host does no float
+    work). On a CPU that would only move the conversion, so they are read as float32.
     """
     datasets = [train[t] for t in sorted(train)]
-    pixels = torch.uint8 if all(d.transform is None for d in datasets) else torch.float32
+    on_gpu = torch.device(device).type == "cuda"
+    pixels = torch.uint8 if on_gpu and all(d.transform is None for d in datasets) else torch.float32
     sampler = MultiTaskEpisodeSampler(datasets, k_shot=config.max_shot, n_query=config.n_query,
                                       n_episodes=config.steps * config.meta_batch, seed=seed,
                                       variable=True, min_class_samples=config.max_shot + config.n_query)
