@@ -18,7 +18,7 @@ from medmeta.data.transforms import IMAGENET_MEAN, PadTo, ResizeTo
 from medmeta.errors import ConfigError
 from medmeta.evaluation.baselines import BaselineConfig, Baselines, combine_folders
 from medmeta.learning.models import Classifier, build_backbone
-from medmeta.learning import pixels
+from medmeta.learning import pixels, runtime
 from medmeta.learning.pixels import pixel_baseline
 from medmeta.learning.supervised import SupervisedConfig, SupervisedTrainer, epoch_batches
 from medmeta.settings import from_mapping
@@ -102,12 +102,34 @@ def test_pixel_search_leaves_out_boosting_that_would_not_fit(store: Store, monke
     assert pixel_baseline(*splits, seed=0)["left_out"] == {}
 
 
-def test_available_memory_reads_the_kernels_figure() -> None:
-    free = pixels.available_memory()
+def test_available_memory_is_the_smallest_of_the_kernel_and_the_cgroups(tmp_path: Path) -> None:
+    gib = 2**30
+
+    def machine(name: str, cgroup: str, files: dict[str, int | str]) -> tuple[Path, Path]:
+        proc, groups = tmp_path / name / "proc", tmp_path / name / "cgroup"
+        (proc / "self").mkdir(parents=True)
+        (proc / "meminfo").write_text(f"MemTotal: {32 * gib // 1024} kB\nMemAvailable: {10 * gib // 1024} kB\n")
+        (proc / "self" / "cgroup").write_text(cgroup)
+        for rel, value in files.items():
+            (groups / rel).parent.mkdir(parents=True, exist_ok=True)
+            (groups / rel).write_text(f"{value}\n")
+        return proc, groups
+
+    # cgroup v2, a SLURM-like job capped at 4 GiB with 1 GiB used, its step uncapped
+    v2 = machine("v2", "0::/job/step\n", {"job/memory.max": 4 * gib, "job/memory.current": gib,
+                                           "job/step/memory.max": "max", "job/step/memory.current": gib})
+    assert runtime.available_memory(*v2) == 3 * gib
+    # cgroup v1: the memory controller's own hierarchy; the root's "no limit" is a huge number
+    v1 = machine("v1", "5:cpu:/\n4:memory:/a\n", {"memory/a/memory.limit_in_bytes": 2 * gib,
+                                                   "memory/a/memory.usage_in_bytes": gib // 2,
+                                                   "memory/memory.limit_in_bytes": 9223372036854771712,
+                                                   "memory/memory.usage_in_bytes": 5 * gib})
+    assert runtime.available_memory(*v1) == 3 * gib // 2
+    assert runtime.available_memory(*machine("free", "0::/\n", {})) == 10 * gib, "no limit: the kernel's figure"
+    assert runtime.available_memory(tmp_path / "none", tmp_path / "none") is None
+    here = runtime.available_memory()
     if Path("/proc/meminfo").is_file():
-        assert free is not None and 2**20 < free < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    else:
-        assert free is None
+        assert here is not None and 2**20 < here <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def test_supervised_training_resumes_exactly(store: Store, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ..data.tasks import MedMNISTTask
 from ..tasktype import TaskType
+from .runtime import available_memory
 
 HGB_BYTES_PER_FEATURE = 90_000
 """Peak memory of the gradient-boosting candidate per input feature: its per-node histograms,
@@ -46,19 +47,6 @@ def candidates(seed: int) -> dict[str, Any]:
         "hgb": HistGradientBoostingClassifier(max_iter=200, early_stopping=True, random_state=seed),
         "forest": RandomForestClassifier(n_estimators=200, n_jobs=-1, random_state=seed),
     }
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the kernel can give now without swapping (Linux's MemAvailable); None where
-    it does not say."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def _pixels(ds: MedMNISTTask) -> np.ndarray:

@@ -59,6 +59,44 @@ def configure_threads(threads: int | None) -> str | None:
     return None
 
 
+NO_LIMIT = 2**62
+"""cgroup v1 writes "no limit" as a huge number (9223372036854771712); anything above this is none."""
+
+
+def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process can still take without swapping or being killed: Linux's MemAvailable,
+    or less where its cgroup (a SLURM job, a container) or a parent of it caps memory lower
+    (limit minus usage, cgroup v2 or v1). None where the system says nothing."""
+    free: int | None = None
+    try:
+        for line in (proc / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+        groups = (proc / "self" / "cgroup").read_text().splitlines()
+    except (OSError, ValueError):
+        return free
+    for line in groups:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, files = cgroups, ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            base, files = cgroups / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        folder = base / path.lstrip("/")
+        for level in (folder, *folder.parents):
+            try:
+                limit, used = ((level / f).read_text().strip() for f in files)
+                if limit != "max" and int(limit) < NO_LIMIT:
+                    room = max(0, int(limit) - int(used))
+                    free = room if free is None else min(free, room)
+            except (OSError, ValueError):
+                pass
+            if level == base:
+                break
+    return free
+
+
 @contextmanager
 def deterministic_cudnn() -> Iterator[None]:
     """cuDNN's deterministic kernels inside the block (the setting is restored after it).
