@@ -202,7 +202,8 @@ class MedMNISTTask(Dataset):
                               f"got {dtype}")
         if dtype == torch.uint8 and self.transform is not None:
             raise ConfigError(f"{self.task.task_id}: uint8 pixels are the stored images, but this dataset has a "
-                              f"transform ({type(self.transform).__name__}), which takes float images; read float32 images")
+                              f"transform ({type(self.transform).__name__}), which takes float images; read "
+                              f"float32 images")
         device = None if device is None else torch.device(device)
         on_gpu = device is not None and device.type == "cuda"
         convert_there = on_gpu and self.transform is None

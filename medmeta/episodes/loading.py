@@ -73,7 +73,8 @@ def _check_pixels(table: dict[tuple[str, str], EpisodeSource], dtype: torch.dtyp
                                f"cannot give uint8 pixels; read float32 episodes")
         if getattr(d, "transform", None) is not None:
             raise EpisodeError(f"{task_id}/{split}: uint8 pixels are the stored images, but this dataset has a "
-                               f"transform ({type(d.transform).__name__}), which takes float images; read float32 episodes")
+                               f"transform ({type(d.transform).__name__}), which takes float images; read "
+                               f"float32 episodes")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def _targets(task: TaskDescription, labels: np.ndarray, specs: Sequence[EpisodeS
     classes = np.fromiter(chain.from_iterable(s.classes for s in specs), np.int64, sum(ways))
     episode = np.repeat(np.arange(len(specs)), ways)
     lut = np.full((len(specs), max(task.num_classes, 1)), -1, dtype=np.int64)
-    lut[episode, classes] = np.arange(len(classes)) - np.repeat(np.cumsum(ways) - ways, ways)
+    first = np.repeat(np.cumsum(ways) - ways, ways)  # where each episode's classes start in ``classes``
+    lut[episode, classes] = np.arange(len(classes)) - first
     which = np.repeat(np.arange(len(specs)), [len(s.support_indices) + len(s.query_indices) for s in specs])
     original = labels[rows]
     y = lut[which, original]
