@@ -22,7 +22,7 @@ from ..errors import ConfigError, StoreError
 from ..tasktype import TaskType
 from .manifest import SPLITS, Manifest, SubsetInfo, load_manifest
 from .store import Store, labels_problem, open_store_file, rebuild_hint
-from .transforms import PIXEL_DTYPES, unit_float
+from .transforms import check_pixel_read, unit_float
 
 # Splits whose images fit comfortably in memory are loaded whole when in_memory is None.
 AUTO_IN_MEMORY_BYTES = 512 * 2**20
@@ -197,13 +197,7 @@ class MedMNISTTask(Dataset):
         (the host conversion was half of each mm-PT step at 224px on an H200). The values are
         those of the host path (``unit_float``).
         """
-        if dtype not in PIXEL_DTYPES:
-            raise ConfigError(f"dtype must be torch.float32 (images in [0, 1]) or torch.uint8 (pixels as stored), "
-                              f"got {dtype}")
-        if dtype == torch.uint8 and self.transform is not None:
-            raise ConfigError(f"{self.task.task_id}: uint8 pixels are the stored images, but this dataset has a "
-                              f"transform ({type(self.transform).__name__}), which takes float images; read "
-                              f"float32 images")
+        check_pixel_read(self.task.task_id, dtype, self.transform)
         device = None if device is None else torch.device(device)
         on_gpu = device is not None and device.type == "cuda"
         convert_there = on_gpu and self.transform is None

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 """The normalisation every 2D backbone applies inside ``forward`` (``learning.models``)."""
@@ -25,6 +27,17 @@ PIXEL_DTYPES = (torch.float32, torch.uint8)
 """What images can be read as: float32 in [0, 1] (what models take), or uint8 pixels as stored
 (0..255, torchvision's convention), a quarter of the bytes, converted by ``unit_float`` where
 they are used (e.g. on the GPU after the transfer)."""
+
+
+def check_pixel_read(where: str, dtype: torch.dtype, transform: object | None) -> None:
+    """Refuse a dtype images cannot be read as, or uint8 pixels from a dataset ``where`` whose
+    per-image transform takes float images: one line each, before any work."""
+    if dtype not in PIXEL_DTYPES:
+        raise ConfigError(f"dtype must be torch.float32 (images in [0, 1]) or torch.uint8 (pixels as stored), "
+                          f"got {dtype}")
+    if dtype == torch.uint8 and transform is not None:
+        raise ConfigError(f"{where}: uint8 pixels are the stored images, but this dataset has a transform "
+                          f"({type(transform).__name__}), which takes float images; read float32 images")
 
 
 def unit_float(pixels: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.tasks import TaskDescription
-from ..data.transforms import PIXEL_DTYPES
+from ..data.transforms import check_pixel_read
 from ..errors import EpisodeError
 from .episode import Device, Episode, EpisodeSpec
 
@@ -61,20 +61,12 @@ def _find(table: dict[tuple[str, str], EpisodeSource], spec: EpisodeSpec) -> Epi
 def _check_pixels(table: dict[tuple[str, str], EpisodeSource], dtype: torch.dtype) -> None:
     """Refuse, before any work, a dtype that is not a pixel dtype, or uint8 pixels from a dataset
     that cannot give them (no ``get_batch`` taking a dtype) or whose transform needs float images."""
-    if dtype not in PIXEL_DTYPES:
-        raise EpisodeError(f"dtype must be torch.float32 (images in [0, 1]) or torch.uint8 (pixels as stored), "
-                           f"got {dtype}")
-    if dtype == torch.float32:
-        return
     for (task_id, split), d in table.items():
         get_batch = getattr(d, "get_batch", None)
-        if get_batch is None or "dtype" not in inspect.signature(get_batch).parameters:
+        if dtype == torch.uint8 and (get_batch is None or "dtype" not in inspect.signature(get_batch).parameters):
             raise EpisodeError(f"{task_id}/{split}: {type(d).__name__} has no get_batch(indices, dtype=...), so it "
                                f"cannot give uint8 pixels; read float32 episodes")
-        if getattr(d, "transform", None) is not None:
-            raise EpisodeError(f"{task_id}/{split}: uint8 pixels are the stored images, but this dataset has a "
-                               f"transform ({type(d.transform).__name__}), which takes float images; read "
-                               f"float32 episodes")
+        check_pixel_read(f"{task_id}/{split}", dtype, getattr(d, "transform", None))
 
 
 @dataclass(frozen=True)
