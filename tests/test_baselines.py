@@ -95,11 +95,34 @@ def test_pixel_search_leaves_out_boosting_that_would_not_fit(store: Store, monke
     result = pixel_baseline(*splits, seed=0)
     assert set(result["val_auroc_by_model"]) == {"logreg-C0.01", "logreg-C1", "forest"}
     assert f"for {features:,} features" in result["left_out"]["hgb"]
-    assert capsys.readouterr().out.startswith("toyclass: pixel search without gradient boosting: its histograms need")
+    assert capsys.readouterr().out.startswith("toyclass: pixel search without hgb: its histograms need")
     monkeypatch.setattr(pixels, "available_memory", lambda: pixels.HGB_BYTES_PER_FEATURE * features)
     assert "hgb" in pixel_baseline(*splits, seed=0)["val_auroc_by_model"]
     monkeypatch.setattr(pixels, "available_memory", lambda: None)  # unknown: every candidate
     assert pixel_baseline(*splits, seed=0)["left_out"] == {}
+
+
+def test_a_pixel_search_cached_without_a_candidate_is_redone_when_it_fits(
+        store: Store, synthetic: Synthetic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    features = MedMNISTTask(store, "toyclass", "train").raw_images([0]).size
+    config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "schemes": ["pixels"], "device": "cpu"})
+    cache = tmp_path / "out" / "tclass" / "pixels" / "seed0" / "result.json"
+
+    def run(memory: int) -> dict:
+        monkeypatch.setattr(pixels, "available_memory", lambda: memory)
+        return Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()["runs"][0]
+
+    small, large = pixels.HGB_BYTES_PER_FEATURE * features - 1, pixels.HGB_BYTES_PER_FEATURE * features
+    assert set(run(small)["left_out"]) == {"hgb"}
+    stamp = cache.stat().st_mtime_ns
+    assert set(run(small)["left_out"]) == {"hgb"} and cache.stat().st_mtime_ns == stamp, "same machine: reused"
+    capsys.readouterr()
+    redone = run(large)
+    assert redone["left_out"] == {} and "hgb" in redone["val_auroc_by_model"] and cache.stat().st_mtime_ns != stamp
+    assert "toyclass: the cached pixel search left out hgb, which fits in memory now: done again" in capsys.readouterr().out
+    stamp = cache.stat().st_mtime_ns
+    assert run(small) == redone and cache.stat().st_mtime_ns == stamp, "a search with every candidate is kept"
 
 
 def test_available_memory_is_the_smallest_of_the_kernel_and_the_cgroups(tmp_path: Path) -> None:

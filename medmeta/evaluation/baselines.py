@@ -40,7 +40,7 @@ from ..episodes import Episode
 from ..errors import ConfigError
 from ..files import read_cache, write_text_atomic
 from ..learning.models import Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
-from ..learning.pixels import pixel_baseline
+from ..learning.pixels import pixel_baseline, unfit_candidates
 from ..learning.runtime import predict, resolve_device, resolved_precision
 from ..learning.supervised import SupervisedConfig, epoch_batches, train_supervised
 from ..methods import KNN, LinearProbe
@@ -154,7 +154,7 @@ class Baselines:
         key = stable_hash({**parts, **resolved_precision(parts, self.device)})
         cache = folder / "result.json"
         cached = read_cache(cache, "this run is done again")
-        if isinstance(cached, dict) and cached.get("key") == key:
+        if isinstance(cached, dict) and cached.get("key") == key and not self.fits_more_now(name, cached["result"]):
             return cached["result"]
         start = time.perf_counter()
         if scheme == "pixels":
@@ -167,6 +167,20 @@ class Baselines:
                   "seconds": time.perf_counter() - start, **result}
         write_text_atomic(cache, json.dumps({"key": key, "result": result}, default=str))
         return result
+
+    def fits_more_now(self, name: str, result: dict[str, Any]) -> bool:
+        """Whether a cached pixel search left out a candidate that fits in memory now (a run
+        cached on a smaller machine is done again, with every candidate that fits)."""
+        cached_without = set(result.get("left_out", {}))
+        if not cached_without:
+            return False
+        features = int(np.prod(self.store.manifest[name].image_shape(self.config.size)))
+        now_without = set(unfit_candidates(features))
+        if cached_without <= now_without:
+            return False
+        print(f"{name}: the cached pixel search left out {', '.join(sorted(cached_without - now_without))}, "
+              f"which fits in memory now: done again")
+        return True
 
     def backbone(self, dims: int, conv: str | None, seed: int) -> torch.nn.Module:
         """A freshly seeded backbone for ``dims`` (and the 3D convolution kind)."""

@@ -49,6 +49,16 @@ def candidates(seed: int) -> dict[str, Any]:
     }
 
 
+def unfit_candidates(features: int) -> dict[str, str]:
+    """Candidates that would not fit in the memory available now for inputs of ``features``
+    values, each with the reason (none when the available memory is unknown)."""
+    need, free = HGB_BYTES_PER_FEATURE * features, available_memory()
+    if free is None or need <= free:
+        return {}
+    return {"hgb": f"its histograms need about {need / 1e9:.1f} GB for {features:,} features, "
+                   f"{free / 1e9:.1f} GB are available"}
+
+
 def _pixels(ds: MedMNISTTask) -> np.ndarray:
     return ds.raw_images(np.arange(len(ds))).reshape(len(ds), -1).astype(np.float32) / 255.0
 
@@ -65,13 +75,10 @@ def pixel_baseline(train: MedMNISTTask, val: MedMNISTTask, test: MedMNISTTask, s
     task_type = train.task.task_type
     xs = {name: _pixels(ds) for name, ds in (("train", train), ("val", val), ("test", test))}
     models = candidates(seed)
-    left_out: dict[str, str] = {}
-    need, free = HGB_BYTES_PER_FEATURE * xs["train"].shape[1], available_memory()
-    if free is not None and need > free:
-        left_out["hgb"] = (f"its histograms need about {need / 1e9:.1f} GB for {xs['train'].shape[1]:,} features, "
-                           f"{free / 1e9:.1f} GB are available")
-        print(f"{train.task.task_id}: pixel search without gradient boosting: {left_out['hgb']}")
-        del models["hgb"]
+    left_out = unfit_candidates(xs["train"].shape[1])
+    for name, why in left_out.items():
+        print(f"{train.task.task_id}: pixel search without {name}: {why}")
+        del models[name]
     scores: dict[str, float] = {}
     fitted: dict[str, Any] = {}
     for name, model in models.items():
