@@ -17,6 +17,7 @@ rounds (each variant once per round), because other processes share this machine
 
     python benchmarks/episodes.py --root /tmp/mmroot                  # organa (grey) and blood (RGB)
     python benchmarks/episodes.py --root /tmp/mmroot --tasks retina --episodes 5000
+    python benchmarks/episodes.py --summarise docs/results/benchmarks/episodes.txt   # the README's table
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import argparse
 import hashlib
 import os
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -136,6 +138,42 @@ def synthetic_224(work: Path, n: int) -> Store:
     return store
 
 
+def line_28px(task_id: str, shape: str, r: dict[str, float]) -> str:
+    """One task's line of output (``summarise`` reads it back)."""
+    return (f"{task_id:>14} 28px {shape:>8} in memory: medmeta float32 {r['float32']:7,.0f} episodes/s, "
+            f"uint8 {r['uint8']:7,.0f} | naive {r['naive']:5,.0f} episodes/s | ratio {r['float32'] / r['naive']:5.1f}x "
+            f"(float32) | indices only {r['indices']:8,.0f} episodes/s | floor: uint8 gather {r['gather']:8,.0f}, "
+            f"+ float32 {r['convert']:7,.0f} episodes/s")
+
+
+LINE_28PX = re.compile(r"(\w+)mnist 28px +(\S+) in memory: medmeta float32 +([\d,]+) episodes/s, uint8 +([\d,]+) \| "
+                       r"naive +([\d,]+) .*floor: uint8 gather +([\d,]+), \+ float32 +([\d,]+)")
+COLUMNS = ("float32 episodes", "uint8 episodes", "naive loader (float32)", "floor: gather alone",
+           "floor: gather + float32")
+
+
+def summarise(path: Path) -> str:
+    """The README's table from saved runs of this script: per task and column, the lowest and
+    highest episodes/s, and in how many runs uint8 episodes reached 16k/s."""
+    runs: dict[str, list[list[int]]] = {}
+    for m in map(LINE_28PX.search, path.read_text().splitlines()):
+        if m:
+            runs.setdefault(m[1], []).append([int(v.replace(",", "")) for v in m.groups()[2:]])
+    if not runs:
+        raise SystemExit(f"{path}: no 28px lines of this script's output; save its output there first")
+
+    def span(values: list[int]) -> str:
+        lo, hi = min(values), max(values)
+        return f"{lo}-{hi}" if hi < 1000 else f"{lo / 1000:.1f}-{hi / 1000:.1f}k"
+
+    rows = [f"| task (28px) | {' | '.join(COLUMNS)} | uint8 >= 16k/s |", "| --- " * (len(COLUMNS) + 2) + "|"]
+    for task, values in runs.items():
+        columns = list(zip(*values))
+        reached = sum(v >= 16_000 for v in columns[1])
+        rows.append(f"| {task} | {' | '.join(map(span, columns))} | {reached} of {len(values)} runs |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=default_root(), help="store with the 28px subsets")
@@ -145,7 +183,12 @@ def main() -> None:
     parser.add_argument("--episodes-224", type=int, default=60)
     parser.add_argument("--n224", type=int, default=1500, help="training images in the 224px subset")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--summarise", type=Path, metavar="FILE",
+                        help="print the lowest-highest table of the runs saved in FILE instead of running")
     args = parser.parse_args()
+    if args.summarise is not None:
+        print(summarise(args.summarise))
+        return
 
     os.sched_setaffinity(0, {0})
     torch.set_num_threads(1)
@@ -155,11 +198,7 @@ def main() -> None:
         ds = MedMNISTTask(args.root, task, "train", in_memory=True)
         r = rates_28px(ds, args.episodes, args.naive_episodes, args.repeats)
         shape = "x".join(map(str, ds.to_tensor(ds.raw_images([0])).shape[1:]))
-        ratio = r["float32"] / r["naive"]
-        print(f"{ds.task.task_id:>14} 28px {shape:>8} in memory: medmeta float32 {r['float32']:7,.0f} episodes/s, "
-              f"uint8 {r['uint8']:7,.0f} | naive {r['naive']:5,.0f} episodes/s | ratio {ratio:5.1f}x (float32) | "
-              f"indices only {r['indices']:8,.0f} episodes/s | floor: uint8 gather {r['gather']:8,.0f}, "
-              f"+ float32 {r['convert']:7,.0f} episodes/s")
+        print(line_28px(ds.task.task_id, shape, r))
 
     with tempfile.TemporaryDirectory(prefix="medmeta_bench_") as tmp:
         store = synthetic_224(Path(tmp), args.n224)

@@ -1,4 +1,5 @@
-"""The GPU benchmark script's code paths, run in its CPU smoke mode, so the first GPU run is not its first run."""
+"""The benchmark scripts' own logic: the GPU script's code paths in its CPU smoke mode (so the first GPU
+run is not its first run), and the episode benchmark's summary of saved runs."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+import episodes  # noqa: E402
 import gpu  # noqa: E402
 
 
@@ -33,3 +35,22 @@ def test_a_failing_section_is_reported_and_the_others_still_run_with_keep_going(
     assert set(report["section_seconds"]) == {"one", "two"}
     with pytest.raises(ZeroDivisionError):
         gpu.Sections({}, keep_going=False).run("one", lambda: 1 / 0)
+
+
+def test_the_episode_benchmark_summarises_its_saved_runs(tmp_path: Path) -> None:
+    def run(blood_uint8: float) -> str:
+        rates = {"float32": 6000.0, "uint8": blood_uint8, "naive": 200.0, "indices": 90000.0, "gather": 40000.0,
+                 "convert": 9000.0}
+        return "\n".join(["# run", "one core (CPU 0), ...", episodes.line_28px("bloodmnist", "3x28x28", rates),
+                          episodes.line_28px("retinamnist", "3x28x28", {**rates, "naive": 1234.0}),
+                          "         bench 224px 3x224x224 HDF5 ..."])
+
+    saved = tmp_path / "episodes.txt"
+    saved.write_text(run(12_345.0) + "\n" + run(16_000.0) + "\n")
+    table = episodes.summarise(saved).splitlines()
+    assert table[0].startswith("| task (28px) | float32 episodes | uint8 episodes |") and len(table) == 4
+    assert table[2] == "| blood | 6.0-6.0k | 12.3-16.0k | 200-200 | 40.0-40.0k | 9.0-9.0k | 1 of 2 runs |"
+    assert table[3].startswith("| retina | 6.0-6.0k | 12.3-16.0k | 1.2-1.2k |")
+    saved.write_text("no runs here\n")
+    with pytest.raises(SystemExit, match="no 28px lines"):
+        episodes.summarise(saved)
