@@ -87,16 +87,22 @@ def test_pixel_baseline_on_a_learnable_multilabel_task(store: Store) -> None:
     assert 0 <= result["test_auroc"] <= 1 and 0 <= result["test_acc"] <= 1
 
 
+def pixel_memory(splits: list[MedMNISTTask]) -> tuple[int, int]:
+    """(features of an image, bytes the pixel search needs with boosting: histograms + float32 pixels)."""
+    features = splits[0].raw_images([0]).size
+    return features, (pixels.HGB_BYTES_PER_FEATURE + 4 * sum(map(len, splits))) * features
+
+
 def test_pixel_search_leaves_out_boosting_that_would_not_fit(store: Store, monkeypatch: pytest.MonkeyPatch,
                                                             capsys: pytest.CaptureFixture) -> None:
     splits = [MedMNISTTask(store, "toyclass", s) for s in ("train", "val", "test")]
-    features = splits[0].raw_images([0]).size
-    monkeypatch.setattr(pixels, "available_memory", lambda: pixels.HGB_BYTES_PER_FEATURE * features - 1)
+    features, need = pixel_memory(splits)
+    monkeypatch.setattr(pixels, "available_memory", lambda: need - 1)
     result = pixel_baseline(*splits, seed=0)
     assert set(result["val_auroc_by_model"]) == {"logreg-C0.01", "logreg-C1", "forest"}
-    assert f"for {features:,} features" in result["left_out"]["hgb"]
+    assert f"for {features:,} features beside" in result["left_out"]["hgb"]
     assert capsys.readouterr().out.startswith("toyclass: pixel search without hgb: its histograms need")
-    monkeypatch.setattr(pixels, "available_memory", lambda: pixels.HGB_BYTES_PER_FEATURE * features)
+    monkeypatch.setattr(pixels, "available_memory", lambda: need)
     assert "hgb" in pixel_baseline(*splits, seed=0)["val_auroc_by_model"]
     monkeypatch.setattr(pixels, "available_memory", lambda: None)  # unknown: every candidate
     assert pixel_baseline(*splits, seed=0)["left_out"] == {}
@@ -105,20 +111,31 @@ def test_pixel_search_leaves_out_boosting_that_would_not_fit(store: Store, monke
 def test_a_pixel_search_cached_without_a_candidate_is_redone_when_it_fits(
         store: Store, synthetic: Synthetic, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:
-    features = MedMNISTTask(store, "toyclass", "train").raw_images([0]).size
+    _, need = pixel_memory([MedMNISTTask(store, "toyclass", s) for s in ("train", "val", "test")])
     config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "schemes": ["pixels"], "device": "cpu"})
     cache = tmp_path / "out" / "tclass" / "pixels" / "seed0" / "result.json"
+    read_pixels = pixels._pixels
 
     def run(memory: int) -> dict:
-        monkeypatch.setattr(pixels, "available_memory", lambda: memory)
+        """One run on a machine with ``memory`` available before the pixels are read (less after)."""
+        read = [0]
+
+        def reading(ds: MedMNISTTask) -> np.ndarray:
+            x = read_pixels(ds)
+            read[0] += x.nbytes
+            return x
+
+        monkeypatch.setattr(pixels, "_pixels", reading)
+        monkeypatch.setattr(pixels, "available_memory", lambda: memory - read[0])
         return Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()["runs"][0]
 
-    small, large = pixels.HGB_BYTES_PER_FEATURE * features - 1, pixels.HGB_BYTES_PER_FEATURE * features
+    # enough for the histograms alone, not beside the pixels: the search and its cache agree
+    small = need - 1
     assert set(run(small)["left_out"]) == {"hgb"}
     stamp = cache.stat().st_mtime_ns
     assert set(run(small)["left_out"]) == {"hgb"} and cache.stat().st_mtime_ns == stamp, "same machine: reused"
     capsys.readouterr()
-    redone = run(large)
+    redone = run(need)
     assert redone["left_out"] == {} and "hgb" in redone["val_auroc_by_model"] and cache.stat().st_mtime_ns != stamp
     assert "toyclass: the cached pixel search left out hgb, which fits in memory now: done again" in capsys.readouterr().out
     stamp = cache.stat().st_mtime_ns

@@ -174,8 +174,8 @@ class Baselines:
         cached_without = set(result.get("left_out", {}))
         if not cached_without:
             return False
-        features = int(np.prod(self.store.manifest[name].image_shape(self.config.size)))
-        now_without = set(unfit_candidates(features))
+        subset = self.store.manifest[name]
+        now_without = set(unfit_candidates(sum(subset.splits.values()), int(np.prod(subset.image_shape(self.config.size)))))
         if cached_without <= now_without:
             return False
         print(f"{name}: the cached pixel search left out {', '.join(sorted(cached_without - now_without))}, "

@@ -49,14 +49,15 @@ def candidates(seed: int) -> dict[str, Any]:
     }
 
 
-def unfit_candidates(features: int) -> dict[str, str]:
-    """Candidates that would not fit in the memory available now for inputs of ``features``
-    values, each with the reason (none when the available memory is unknown)."""
-    need, free = HGB_BYTES_PER_FEATURE * features, available_memory()
-    if free is None or need <= free:
+def unfit_candidates(samples: int, features: int) -> dict[str, str]:
+    """Candidates that would not fit in the memory available now beside the float32 pixels of
+    ``samples`` images of ``features`` values (asked before they are read, so that the search
+    and its cache decide alike), each with the reason; none when the memory is unknown."""
+    hgb, pixels, free = HGB_BYTES_PER_FEATURE * features, 4 * samples * features, available_memory()
+    if free is None or hgb + pixels <= free:
         return {}
-    return {"hgb": f"its histograms need about {need / 1e9:.1f} GB for {features:,} features, "
-                   f"{free / 1e9:.1f} GB are available"}
+    return {"hgb": f"its histograms need about {hgb / 1e9:.1f} GB for {features:,} features beside "
+                   f"{pixels / 1e9:.1f} GB of pixels, {free / 1e9:.1f} GB are available"}
 
 
 def _pixels(ds: MedMNISTTask) -> np.ndarray:
@@ -73,12 +74,12 @@ def _logits(model: Any, x: np.ndarray, task_type: TaskType) -> torch.Tensor:
 def pixel_baseline(train: MedMNISTTask, val: MedMNISTTask, test: MedMNISTTask, seed: int = 0) -> dict[str, Any]:
     """Fit every candidate that fits in memory, keep the best on validation AUROC, score it on test."""
     task_type = train.task.task_type
-    xs = {name: _pixels(ds) for name, ds in (("train", train), ("val", val), ("test", test))}
     models = candidates(seed)
-    left_out = unfit_candidates(xs["train"].shape[1])
+    left_out = unfit_candidates(len(train) + len(val) + len(test), train.raw_images([0]).size)
     for name, why in left_out.items():
         print(f"{train.task.task_id}: pixel search without {name}: {why}")
         del models[name]
+    xs = {name: _pixels(ds) for name, ds in (("train", train), ("val", val), ("test", test))}
     scores: dict[str, float] = {}
     fitted: dict[str, Any] = {}
     for name, model in models.items():
