@@ -155,10 +155,15 @@ COLUMNS = ("float32 episodes", "uint8 episodes", "naive loader (float32)", "floo
 def summarise(path: Path) -> str:
     """The README's table from saved runs of this script: per task and column, the lowest and
     highest episodes/s, and in how many runs uint8 episodes reached 16k/s."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise SystemExit(f"{path}: cannot read it ({e.strerror}); give a file of this script's saved output") from None
     runs: dict[str, list[list[int]]] = {}
-    for m in map(LINE_28PX.search, path.read_text().splitlines()):
+    for m in map(LINE_28PX.search, lines):
         if m:
-            runs.setdefault(m[1], []).append([int(v.replace(",", "")) for v in m.groups()[2:]])
+            task = f"{m[1]} ({'grey' if m[2].startswith('1x') else 'RGB'})"
+            runs.setdefault(task, []).append([int(v.replace(",", "")) for v in m.groups()[2:]])
     if not runs:
         raise SystemExit(f"{path}: no 28px lines of this script's output; save its output there first")
 

@@ -2,6 +2,7 @@
 search, MedMNIST+'s padding, resume of interrupted training, the combined table."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -88,9 +89,9 @@ def test_pixel_baseline_on_a_learnable_multilabel_task(store: Store) -> None:
 
 
 def pixel_memory(splits: list[MedMNISTTask]) -> tuple[int, int]:
-    """(features of an image, bytes the pixel search needs with boosting: histograms + float32 pixels)."""
+    """(features of an image, bytes the pixel search needs with boosting: its estimate + float32 pixels)."""
     features = splits[0].raw_images([0]).size
-    return features, (pixels.HGB_BYTES_PER_FEATURE + 4 * sum(map(len, splits))) * features
+    return features, pixels.hgb_bytes(len(splits[0]), features) + 4 * sum(map(len, splits)) * features
 
 
 def test_pixel_search_leaves_out_boosting_that_would_not_fit(store: Store, monkeypatch: pytest.MonkeyPatch,
@@ -100,12 +101,14 @@ def test_pixel_search_leaves_out_boosting_that_would_not_fit(store: Store, monke
     monkeypatch.setattr(pixels, "available_memory", lambda: need - 1)
     result = pixel_baseline(*splits, seed=0)
     assert set(result["val_auroc_by_model"]) == {"logreg-C0.01", "logreg-C1", "forest"}
-    assert f"for {features:,} features beside" in result["left_out"]["hgb"]
-    assert capsys.readouterr().out.startswith("toyclass: pixel search without hgb: its histograms need")
+    assert f"for {len(splits[0]):,} x {features:,} pixels beside" in result["left_out"]["hgb"]
+    assert capsys.readouterr().out.startswith("toyclass: pixel search without hgb: gradient boosting needs about")
     monkeypatch.setattr(pixels, "available_memory", lambda: need)
     assert "hgb" in pixel_baseline(*splits, seed=0)["val_auroc_by_model"]
     monkeypatch.setattr(pixels, "available_memory", lambda: None)  # unknown: every candidate
     assert pixel_baseline(*splits, seed=0)["left_out"] == {}
+    told = pixel_baseline(*splits, seed=0, left_out={"forest": "left out by the caller"})
+    assert set(told["val_auroc_by_model"]) == {"logreg-C0.01", "logreg-C1", "hgb"}
 
 
 def test_a_pixel_search_cached_without_a_candidate_is_redone_when_it_fits(
@@ -114,32 +117,24 @@ def test_a_pixel_search_cached_without_a_candidate_is_redone_when_it_fits(
     _, need = pixel_memory([MedMNISTTask(store, "toyclass", s) for s in ("train", "val", "test")])
     config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "schemes": ["pixels"], "device": "cpu"})
     cache = tmp_path / "out" / "tclass" / "pixels" / "seed0" / "result.json"
-    read_pixels = pixels._pixels
 
     def run(memory: int) -> dict:
-        """One run on a machine with ``memory`` available before the pixels are read (less after)."""
-        read = [0]
-
-        def reading(ds: MedMNISTTask) -> np.ndarray:
-            x = read_pixels(ds)
-            read[0] += x.nbytes
-            return x
-
-        monkeypatch.setattr(pixels, "_pixels", reading)
-        monkeypatch.setattr(pixels, "available_memory", lambda: memory - read[0])
+        """One run on a machine with ``memory`` available at its start, and less each time it is
+        asked again (the run reads splits and pixels): the cache and the search must decide alike."""
+        asked = itertools.count()
+        monkeypatch.setattr(pixels, "available_memory", lambda: memory - next(asked) * need)
         return Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()["runs"][0]
 
-    # enough for the histograms alone, not beside the pixels: the search and its cache agree
-    small = need - 1
-    assert set(run(small)["left_out"]) == {"hgb"}
+    assert set(run(need - 1)["left_out"]) == {"hgb"}
     stamp = cache.stat().st_mtime_ns
-    assert set(run(small)["left_out"]) == {"hgb"} and cache.stat().st_mtime_ns == stamp, "same machine: reused"
+    assert set(run(need - 1)["left_out"]) == {"hgb"} and cache.stat().st_mtime_ns == stamp, "same machine: reused"
     capsys.readouterr()
     redone = run(need)
     assert redone["left_out"] == {} and "hgb" in redone["val_auroc_by_model"] and cache.stat().st_mtime_ns != stamp
-    assert "toyclass: the cached pixel search left out hgb, which fits in memory now: done again" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "toyclass: the cached pixel search left out hgb, which fits in memory now: done again" in printed
     stamp = cache.stat().st_mtime_ns
-    assert run(small) == redone and cache.stat().st_mtime_ns == stamp, "a search with every candidate is kept"
+    assert run(need - 1) == redone and cache.stat().st_mtime_ns == stamp, "a search with every candidate is kept"
 
 
 def test_available_memory_is_the_smallest_of_the_kernel_and_the_cgroups(tmp_path: Path) -> None:

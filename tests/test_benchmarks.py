@@ -49,8 +49,15 @@ def test_the_episode_benchmark_summarises_its_saved_runs(tmp_path: Path) -> None
     saved.write_text(run(12_345.0) + "\n" + run(16_000.0) + "\n")
     table = episodes.summarise(saved).splitlines()
     assert table[0].startswith("| task (28px) | float32 episodes | uint8 episodes |") and len(table) == 4
-    assert table[2] == "| blood | 6.0-6.0k | 12.3-16.0k | 200-200 | 40.0-40.0k | 9.0-9.0k | 1 of 2 runs |"
-    assert table[3].startswith("| retina | 6.0-6.0k | 12.3-16.0k | 1.2-1.2k |")
+    assert table[2] == "| blood (RGB) | 6.0-6.0k | 12.3-16.0k | 200-200 | 40.0-40.0k | 9.0-9.0k | 1 of 2 runs |"
+    assert table[3].startswith("| retina (RGB) | 6.0-6.0k | 12.3-16.0k | 1.2-1.2k |")
     saved.write_text("no runs here\n")
     with pytest.raises(SystemExit, match="no 28px lines"):
         episodes.summarise(saved)
+    with pytest.raises(SystemExit, match="cannot read it"):
+        episodes.summarise(tmp_path / "missing.txt")
+
+
+def test_the_readme_episode_table_is_the_summary_of_the_saved_runs() -> None:
+    table = episodes.summarise(REPO / "docs" / "results" / "benchmarks" / "episodes.txt")
+    assert table in (REPO / "README.md").read_text()

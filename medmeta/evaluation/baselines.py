@@ -154,11 +154,14 @@ class Baselines:
         key = stable_hash({**parts, **resolved_precision(parts, self.device)})
         cache = folder / "result.json"
         cached = read_cache(cache, "this run is done again")
-        if isinstance(cached, dict) and cached.get("key") == key and not self.fits_more_now(name, cached["result"]):
+        # the pixel search's candidates that would not fit in memory: decided once, before any image is read
+        unfit = self.unfit_pixel_candidates(name) if scheme == "pixels" else {}
+        if isinstance(cached, dict) and cached.get("key") == key and not _fits_more_now(name, cached["result"], unfit):
             return cached["result"]
         start = time.perf_counter()
         if scheme == "pixels":
-            result = pixel_baseline(*(self.split(name, s, with_transform=False) for s in ("train", "val", "test")), seed=seed)
+            splits = (self.split(name, s, with_transform=False) for s in ("train", "val", "test"))
+            result = pixel_baseline(*splits, seed=seed, left_out=unfit)
         elif scheme == "end2end":
             result = self.end2end(name, conv, seed, folder)
         else:
@@ -168,19 +171,11 @@ class Baselines:
         write_text_atomic(cache, json.dumps({"key": key, "result": result}, default=str))
         return result
 
-    def fits_more_now(self, name: str, result: dict[str, Any]) -> bool:
-        """Whether a cached pixel search left out a candidate that fits in memory now (a run
-        cached on a smaller machine is done again, with every candidate that fits)."""
-        cached_without = set(result.get("left_out", {}))
-        if not cached_without:
-            return False
+    def unfit_pixel_candidates(self, name: str) -> dict[str, str]:
+        """The pixel search's candidates that would not fit in memory now for this subset (sizes
+        from the manifest, which the store's build checked against the files)."""
         subset = self.store.manifest[name]
-        now_without = set(unfit_candidates(sum(subset.splits.values()), int(np.prod(subset.image_shape(self.config.size)))))
-        if cached_without <= now_without:
-            return False
-        print(f"{name}: the cached pixel search left out {', '.join(sorted(cached_without - now_without))}, "
-              f"which fits in memory now: done again")
-        return True
+        return unfit_candidates(subset.splits, int(np.prod(subset.image_shape(self.config.size))))
 
     def backbone(self, dims: int, conv: str | None, seed: int) -> torch.nn.Module:
         """A freshly seeded backbone for ``dims`` (and the 3D convolution kind)."""
@@ -241,6 +236,16 @@ class Baselines:
             result = task_type.evaluate(ds.labels, score(self.features(backbone, ds)).cpu())
             out[f"{split_name}_auroc"], out[f"{split_name}_acc"] = result["auroc"], result["acc"]
         return out
+
+
+def _fits_more_now(name: str, cached: Any, unfit: dict[str, str]) -> bool:
+    """Whether a cached pixel search left out a candidate that fits in memory now: a run cached
+    on a smaller machine is done again, with every candidate that fits."""
+    cached_without = set(cached.get("left_out", {})) if isinstance(cached, dict) else set()
+    fits = sorted(cached_without - set(unfit))
+    if fits:
+        print(f"{name}: the cached pixel search left out {', '.join(fits)}, which fits in memory now: done again")
+    return bool(fits)
 
 
 def _group(run: dict[str, Any]) -> tuple:

@@ -7,8 +7,8 @@ validation AUROC scored on the test split. Candidates (pixels scaled to [0, 1]):
 
 * ``logreg-C0.01`` and ``logreg-C1``: standardised pixels, L2 logistic regression;
 * ``hgb``: histogram gradient boosting (200 iterations, early stopping on 10% of the training data),
-  left out (with a printed line, and named in the result) when its histograms would not fit in
-  the memory available: on wide inputs they dominate (``HGB_BYTES_PER_FEATURE``);
+  left out (with a printed line, and named in the result) when it would not fit in the memory
+  available (``hgb_bytes``: its histograms and copies of the data, large on wide inputs);
 * ``forest``: a random forest of 200 trees.
 
 Multi-label tasks fit one model per label (one-vs-rest). Scores are turned into logits for
@@ -17,7 +17,7 @@ Bayesian search over dozens of pipelines and an ensemble, so expect lower figure
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -32,11 +32,14 @@ from ..data.tasks import MedMNISTTask
 from ..tasktype import TaskType
 from .runtime import available_memory
 
-HGB_BYTES_PER_FEATURE = 90_000
-"""Peak memory of the gradient-boosting candidate per input feature: its per-node histograms,
-256 bins x 20 bytes a feature, for the ~17 nodes it holds at once. Measured with scikit-learn 1.9
-on 1,188 samples: 1.2 GB peak at 10,000 features, 3.8 GB at 40,000 (87 KB a feature). Adrenal at
-64³ (262,144 features) would need about 24 GB; on a 24 GB machine the search was killed there."""
+def hgb_bytes(samples: int, features: int) -> int:
+    """Peak memory of the gradient-boosting candidate fitted on ``samples`` x ``features``: per
+    feature, its node histograms (growing with the samples until the trees reach their 31 leaves,
+    then about 150 KB) and its copies of the data (float64, the early-stopping split, the binned
+    values: about 17 bytes a sample). An upper bound of the peaks measured by
+    ``benchmarks/hgb_memory.py`` with scikit-learn 1.9.1 (from 0.9 GB for 1,188 x 10,000 to
+    3.1 GB for 9,504 x 10,000); adrenal at 64³ (262,144 features) was killed at 24.4 GB."""
+    return features * (min(150_000, 60 * samples) + 17 * samples)
 
 
 def candidates(seed: int) -> dict[str, Any]:
@@ -49,19 +52,22 @@ def candidates(seed: int) -> dict[str, Any]:
     }
 
 
-def unfit_candidates(samples: int, features: int) -> dict[str, str]:
-    """Candidates that would not fit in the memory available now beside the float32 pixels of
-    ``samples`` images of ``features`` values (asked before they are read, so that the search
-    and its cache decide alike), each with the reason; none when the memory is unknown."""
-    hgb, pixels, free = HGB_BYTES_PER_FEATURE * features, 4 * samples * features, available_memory()
-    if free is None or hgb + pixels <= free:
+def unfit_candidates(split_sizes: Mapping[str, int], features: int) -> dict[str, str]:
+    """Candidates that would not fit in the memory available now, beside the float32 pixels of
+    every split (``split_sizes``: images per split), each with the reason; none when the memory is
+    unknown. Asked before any pixel is read, so that a search and its cache decide alike."""
+    need, pixels = hgb_bytes(split_sizes["train"], features), 4 * sum(split_sizes.values()) * features
+    free = available_memory()
+    if free is None or need + pixels <= free:
         return {}
-    return {"hgb": f"its histograms need about {hgb / 1e9:.1f} GB for {features:,} features beside "
-                   f"{pixels / 1e9:.1f} GB of pixels, {free / 1e9:.1f} GB are available"}
+    return {"hgb": f"gradient boosting needs about {need / 1e9:.1f} GB for {split_sizes['train']:,} x {features:,} "
+                   f"pixels beside the {pixels / 1e9:.1f} GB they take as float32, {free / 1e9:.1f} GB are available"}
 
 
 def _pixels(ds: MedMNISTTask) -> np.ndarray:
-    return ds.raw_images(np.arange(len(ds))).reshape(len(ds), -1).astype(np.float32) / 255.0
+    x = ds.raw_images(np.arange(len(ds))).reshape(len(ds), -1).astype(np.float32)
+    x /= 255.0  # in place: one float32 copy of the split at a time
+    return x
 
 
 def _logits(model: Any, x: np.ndarray, task_type: TaskType) -> torch.Tensor:
@@ -71,11 +77,15 @@ def _logits(model: Any, x: np.ndarray, task_type: TaskType) -> torch.Tensor:
     return task_type.logits_from_probabilities(p)
 
 
-def pixel_baseline(train: MedMNISTTask, val: MedMNISTTask, test: MedMNISTTask, seed: int = 0) -> dict[str, Any]:
-    """Fit every candidate that fits in memory, keep the best on validation AUROC, score it on test."""
+def pixel_baseline(train: MedMNISTTask, val: MedMNISTTask, test: MedMNISTTask, seed: int = 0,
+                   left_out: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Fit every candidate but those ``left_out`` (name: reason; None: those that would not fit in
+    memory now), keep the best on validation AUROC, score it on test."""
     task_type = train.task.task_type
     models = candidates(seed)
-    left_out = unfit_candidates(len(train) + len(val) + len(test), train.raw_images([0]).size)
+    if left_out is None:
+        sizes = {"train": len(train), "val": len(val), "test": len(test)}
+        left_out = unfit_candidates(sizes, train.raw_images([0]).size)
     for name, why in left_out.items():
         print(f"{train.task.task_id}: pixel search without {name}: {why}")
         del models[name]
@@ -89,5 +99,5 @@ def pixel_baseline(train: MedMNISTTask, val: MedMNISTTask, test: MedMNISTTask, s
         scores[name] = task_type.evaluate(val.labels, _logits(model, xs["val"], task_type))["auroc"]
     best = max(scores, key=lambda n: scores[n])
     test_scores = task_type.evaluate(test.labels, _logits(fitted[best], xs["test"], task_type))
-    return {"model": best, "val_auroc": scores[best], "val_auroc_by_model": scores, "left_out": left_out,
+    return {"model": best, "val_auroc": scores[best], "val_auroc_by_model": scores, "left_out": dict(left_out),
             "test_auroc": test_scores["auroc"], "test_acc": test_scores["acc"]}
