@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -109,6 +110,18 @@ def test_pixel_search_leaves_out_boosting_that_would_not_fit(store: Store, monke
     assert pixel_baseline(*splits, seed=0)["left_out"] == {}
     told = pixel_baseline(*splits, seed=0, left_out={"forest": "left out by the caller"})
     assert set(told["val_auroc_by_model"]) == {"logreg-C0.01", "logreg-C1", "hgb"}
+    with pytest.raises(ValueError, match=r"left_out names \['svm'\], which are not pixel-search candidates"):
+        pixel_baseline(*splits, seed=0, left_out={"svm": "no such candidate"})
+
+
+def test_the_boosting_memory_estimate_is_above_every_measured_peak() -> None:
+    saved = REPO / "docs" / "results" / "benchmarks" / "hgb_memory.txt"
+    rows = [re.match(r"\s*([\d,]+)\s+([\d,]+)\s+(.+?)\s+([\d.]+)\s+[\d.]+\s+[\d.]+$", line)
+            for line in saved.read_text().splitlines()[2:]]
+    assert len(rows) >= 8 and all(rows), "the saved output of benchmarks/hgb_memory.py"
+    for m in rows:
+        samples, features, measured = int(m[1].replace(",", "")), int(m[2].replace(",", "")), float(m[4]) * 1e9
+        assert pixels.hgb_bytes(samples, features) >= measured, m[0]
 
 
 def test_a_pixel_search_cached_without_a_candidate_is_redone_when_it_fits(

@@ -32,15 +32,6 @@ from ..data.tasks import MedMNISTTask
 from ..tasktype import TaskType
 from .runtime import available_memory
 
-def hgb_bytes(samples: int, features: int) -> int:
-    """Peak memory of the gradient-boosting candidate fitted on ``samples`` x ``features``: per
-    feature, its node histograms (growing with the samples until the trees reach their 31 leaves,
-    then about 150 KB) and its copies of the data (float64, the early-stopping split, the binned
-    values: about 17 bytes a sample). An upper bound of the peaks measured by
-    ``benchmarks/hgb_memory.py`` with scikit-learn 1.9.1 (from 0.9 GB for 1,188 x 10,000 to
-    3.1 GB for 9,504 x 10,000); adrenal at 64³ (262,144 features) was killed at 24.4 GB."""
-    return features * (min(150_000, 60 * samples) + 17 * samples)
-
 
 def candidates(seed: int) -> dict[str, Any]:
     """The fixed model search on flattened pixels (the stand-in for auto-sklearn), by name."""
@@ -50,6 +41,21 @@ def candidates(seed: int) -> dict[str, Any]:
         "hgb": HistGradientBoostingClassifier(max_iter=200, early_stopping=True, random_state=seed),
         "forest": RandomForestClassifier(n_estimators=200, n_jobs=-1, random_state=seed),
     }
+
+
+def hgb_bytes(samples: int, features: int) -> int:
+    """Peak memory of the gradient-boosting candidate fitted on ``samples`` x ``features``, from
+    scikit-learn's layout and the candidate's own settings: per feature, a histogram of 256 bins x
+    20 bytes for every node that can still be split (at most ``max_leaf_nodes``, each holding at
+    least 2 x ``min_samples_leaf`` of the samples left after the early-stopping split), and copies
+    of the data (float64, that split, the binned values: 17 bytes a sample); and 100 MB for the
+    rest of a fit (gradients, sample partitions, what a first fit imports). A multi-class fit
+    grows its trees one after another. Above every peak ``benchmarks/hgb_memory.py`` measures
+    (docs/results/benchmarks/hgb_memory.txt); adrenal at 64³ (262,144 features) was killed for
+    memory at 25.0 GB before this check."""
+    hgb = candidates(0)["hgb"]
+    nodes = min(hgb.max_leaf_nodes, samples * (1 - hgb.validation_fraction) / (2 * hgb.min_samples_leaf))
+    return int(features * (nodes * (hgb.max_bins + 1) * 20 + 17 * samples) + 100e6)
 
 
 def unfit_candidates(split_sizes: Mapping[str, int], features: int) -> dict[str, str]:
@@ -80,12 +86,15 @@ def _logits(model: Any, x: np.ndarray, task_type: TaskType) -> torch.Tensor:
 def pixel_baseline(train: MedMNISTTask, val: MedMNISTTask, test: MedMNISTTask, seed: int = 0,
                    left_out: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Fit every candidate but those ``left_out`` (name: reason; None: those that would not fit in
-    memory now), keep the best on validation AUROC, score it on test."""
+    memory now, ``{}``: every one), keep the best on validation AUROC, score it on test."""
     task_type = train.task.task_type
     models = candidates(seed)
     if left_out is None:
         sizes = {"train": len(train), "val": len(val), "test": len(test)}
         left_out = unfit_candidates(sizes, train.raw_images([0]).size)
+    unknown = sorted(set(left_out) - set(models))
+    if unknown:
+        raise ValueError(f"left_out names {unknown}, which are not pixel-search candidates; use some of {sorted(models)}")
     for name, why in left_out.items():
         print(f"{train.task.task_id}: pixel search without {name}: {why}")
         del models[name]
