@@ -106,7 +106,7 @@ def _targets(task: TaskDescription, labels: np.ndarray, specs: Sequence[EpisodeS
     lut = np.full((len(specs), max(task.num_classes, 1)), -1, dtype=np.int64)
     first = np.repeat(np.cumsum(ways) - ways, ways)  # where each episode's classes start in ``classes``
     lut[episode, classes] = np.arange(len(classes)) - first
-    which = np.repeat(np.arange(len(specs)), [len(s) for s in specs])
+    which = np.repeat(np.arange(len(specs)), [len(s.support_indices) + len(s.query_indices) for s in specs])
     original = labels[rows]
     y = lut[which, original]
     if (y < 0).any():
@@ -195,7 +195,8 @@ def _stream(table: dict[tuple[str, str], EpisodeSource], specs: Iterable[Episode
                 chunk, used = [], 0
             image_bytes = _image_bytes(_find(table, spec).task, out.dtype)
             key = spec.task_id, spec.split
-        size = len(spec) * image_bytes
+        # len(spec) written out: this loop runs once an episode on the fast path
+        size = (len(spec.support_indices) + len(spec.query_indices)) * image_bytes
         if chunk and used + size > CHUNK_BYTES:
             yield from _assemble(table[key], chunk, out)
             chunk, used = [], 0
