@@ -25,7 +25,7 @@ from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
 from medmeta.evaluation.baselines import BaselineConfig, Baselines, Resize, combine_folders
 from medmeta.learning.runtime import configure_threads
-from medmeta.settings import comma_list, load_settings, nested
+from medmeta.settings import comma_list, load_settings, nested, seed_list
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     """Run the supervised baselines from the command line; bad input is one line and exit status 2."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", type=comma_list, help="subsets (comma list, short or full names) or 'all'")
-    parser.add_argument("--seeds", type=lambda t: [int(x) for x in comma_list(t)], help="comma list, e.g. 0,1,2")
+    parser.add_argument("--seeds", type=seed_list, help="comma list of distinct seeds, e.g. 0,1,2")
     parser.add_argument("--schemes", type=comma_list, help="end2end, linear, knn, pixels (default: all)")
     parser.add_argument("--convs", type=comma_list, help="3D convolutions: 2.5d, 3d, acs (default: all)")
     parser.add_argument("--size", type=int, help="image size of the official files (28, 64, 128, 224)")

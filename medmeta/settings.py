@@ -13,6 +13,7 @@ fractional part. Nothing else is guessed.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import types
@@ -239,6 +240,32 @@ def apply_sets(data: dict[str, Any], sets: Iterable[str]) -> dict[str, Any]:
 def comma_list(text: str) -> list[str]:
     """A comma-separated command-line value as a list (empty items kept: the config refuses them)."""
     return [t.strip() for t in text.split(",")]
+
+
+def repeated(values: Iterable[Any]) -> Any | None:
+    """The first value that appears a second time in ``values``, or None when all are distinct."""
+    seen: list[Any] = []
+    for value in values:
+        if value in seen:
+            return value
+        seen.append(value)
+    return None
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2`` as a list of distinct integers, for argparse's ``type=``: a repeated seed
+    would run the same thing twice and report its copies as agreeing runs (sd 0.000 across seeds),
+    so it is refused, as is a non-integer, with one ``error: argument --seeds: ...`` line."""
+    seeds = []
+    for item in comma_list(text):
+        try:
+            seeds.append(int(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"seeds are integers, got {item!r} in {text!r}") from None
+    twice = repeated(seeds)
+    if twice is not None:
+        raise argparse.ArgumentTypeError(f"seeds must be distinct; {twice} is given twice")
+    return seeds
 
 
 def nested(flat: Mapping[str, Any]) -> dict[str, Any]:

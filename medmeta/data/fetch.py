@@ -1,8 +1,9 @@
 """Get official MedMNIST npz files, verified: from a local folder, a cache, or a download.
 
 Every file is checked before anything reads it: MD5 against the manifest, then its keys,
-shapes, dtypes and split counts against what the manifest says. A file that fails is
-refused with a message naming it and what to do; it never reaches the store.
+shapes, dtypes and split counts against what the manifest says, then every label against the
+manifest's classes. A file that fails is refused with a message naming it and what to do; it
+never reaches the store.
 """
 from __future__ import annotations
 
@@ -67,8 +68,34 @@ def iter_npz_rows(path: Path, key: str, rows_per_block: int) -> Iterator[np.ndar
                 remaining -= n
 
 
+def check_labels(path: Path, info: SubsetInfo, rows_per_block: int = 2**20) -> None:
+    """Refuse labels outside the manifest's classes: 0..n-1 for a single-label task with n labels,
+    0 or 1 in each column of a multi-label task. Labels are small, so this streams every split's
+    labels (the images are not read) and a refusal comes before any store file is written; a
+    label 7 in a binary file would otherwise be built and surface much later as a strange class."""
+    names = info.labels
+    top = 1 if info.task_type.multilabel else len(names) - 1
+    for split in SPLITS:
+        key = f"{split}_labels"
+        start = 0
+        for block in iter_npz_rows(path, key, rows_per_block):
+            bad = np.flatnonzero(block.reshape(len(block), -1).max(axis=1) > top)
+            if bad.size:
+                row = int(bad[0])
+                if info.task_type.multilabel:
+                    col = int(np.flatnonzero(block[row] > top)[0])
+                    what = (f"{key} row {start + row} column {col} ({names[col]}) has {int(block[row, col])}; "
+                            f"{info.name} is multi-label with 0 or 1 per label")
+                else:
+                    what = (f"{key} row {start + row} has label {int(block[row, 0])}; {info.name} is "
+                            f"{info.task_type} with classes 0..{top} (the manifest names {len(names)} labels)")
+                raise SourceError(f"{path}: {what}; fix the manifest's labels or the file")
+            start += len(block)
+
+
 def check_npz(path: Path, info: SubsetInfo, size: int) -> None:
-    """Check keys, shapes, dtypes and split counts of an npz against the manifest (reads headers only)."""
+    """Check keys, shapes, dtypes and split counts of an npz against the manifest (from the headers),
+    then that every label is one of the manifest's classes (``check_labels``; labels are small)."""
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -92,6 +119,7 @@ def check_npz(path: Path, info: SubsetInfo, size: int) -> None:
                     raise SourceError(f"{path}: {key} has shape {shape}, expected (N, {', '.join(map(str, want))})")
                 if dtype != np.uint8:
                     raise SourceError(f"{path}: {key} has dtype {dtype}, expected uint8")
+    check_labels(path, info)
 
 
 def verify_file(path: Path, info: SubsetInfo, size: int) -> None:

@@ -143,7 +143,10 @@ class Store:
 
     def build(self, subset: str, size: int = 28, source_dir: str | Path | None = None,
               download: bool = True, force: bool = False) -> Path:
-        """Fetch, verify and convert one official npz; skip when already built (unless ``force``)."""
+        """Fetch, verify and convert one official npz; skip when already built (unless ``force``).
+
+        ``fetch`` refuses a file whose MD5, layout or labels (every one in the manifest's classes)
+        do not match before the temporary store file is made, so a refused build leaves nothing."""
         subset = self.manifest.resolve(subset)
         target = self.path(subset, size)
         if not force and self.is_built(subset, size):

@@ -44,7 +44,7 @@ from ..learning.pixels import pixel_baseline, unfit_candidates
 from ..learning.runtime import predict, resolve_device, resolved_precision
 from ..learning.supervised import SupervisedConfig, epoch_batches, train_supervised
 from ..methods import KNN, LinearProbe
-from ..settings import Settings, setting
+from ..settings import Settings, repeated, setting
 from .protocol import stable_hash
 from .results import package_versions, write_csv
 
@@ -73,6 +73,14 @@ class BaselineConfig(Settings):
     bn_batches: int = setting(20, min=1)
     """Training batches that give frozen features their BatchNorm statistics."""
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.seeds:
+            raise ConfigError("config key seeds: give at least one seed, e.g. [0]")
+        twice = repeated(self.seeds)
+        if twice is not None:  # copies of one run would pass for agreeing seeds (sd 0)
+            raise ConfigError(f"config key seeds: seeds must be distinct; {twice} is given twice in {self.seeds}")
 
 
 def _published(path: Path) -> dict[str, Any]:
