@@ -26,11 +26,13 @@ from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
 from medmeta.evaluation import Protocol, load_experiment_config
+from medmeta.evaluation.config import methods_help
 from medmeta.evaluation.sweep import Launcher, Sweep
 from medmeta.learning.runtime import configure_threads
-from medmeta.settings import comma_list, nested
+from medmeta.settings import comma_list, nested, seed_list
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+DEBUG_ENV = "MEDMETA_DEBUG"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", help="target subset (retina, breast, nodule3d, ...), a comma list, or 'all' "
                                          "(every subset present)")
-    parser.add_argument("--seeds", type=lambda t: [int(x) for x in comma_list(t)],
+    parser.add_argument("--seeds", type=seed_list,
                         help="comma list of seeds (pretraining, heads): one run per seed, mean and sd across seeds")
     parser.add_argument("--launcher", choices=get_args(Launcher), default="local",
                         help="run the jobs of a sweep here, on SLURM through submitit, or in submitit's local "
@@ -49,8 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus", type=int, help="GPUs per SLURM job, one process each (or slurm.gpus_per_node)")
     parser.add_argument("--time", type=int, help="SLURM time limit per job in minutes (or slurm.timeout_min)")
     parser.add_argument("--mem", type=int, help="memory per SLURM job in GB (or slurm.mem_gb)")
-    parser.add_argument("--methods", type=comma_list, help="comma-separated methods (see above)")
-    parser.add_argument("--reference", help="method the paired differences are taken against (config key reference)")
+    parser.add_argument("--methods", type=comma_list, help=methods_help())
+    parser.add_argument("--reference", help="the method paired differences are taken against, one of --methods "
+                                            "(default: the first; config key reference)")
     parser.add_argument("--sources", help="'default' (all allowed), 'available' (allowed and local) or a comma list")
     parser.add_argument("--shots", type=int, help="support images per class")
     parser.add_argument("--episodes", type=int, help="number of evaluation episodes")
@@ -73,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="processes on this machine: re-launches this command under torchrun (one per GPU, or "
                              "one per core on a CPU); the same as `torchrun --nproc_per_node N experiments/cdfsl.py`")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--debug", action="store_true", default=bool(os.environ.get(DEBUG_ENV)),
+                        help=f"show the traceback of an error (e.g. raised in your own method) instead of one line "
+                             f"(or ${DEBUG_ENV}=1)")
     return parser.parse_args(argv)
 
 
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             print(warning, file=sys.stderr)
         return job.run() if isinstance(job, Protocol) else job.run(args.launcher, wait=not args.no_wait)
     except MedmetaError as exc:
+        if args.debug:
+            raise
         print(f"cdfsl: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

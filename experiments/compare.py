@@ -3,9 +3,12 @@
     python experiments/compare.py RUN_A/results.json:METHOD RUN_B/results.json:METHOD [...more pairs]
 
 Each pair prints both methods' mean query AUROC and accuracy on the common episodes and the
-paired per-episode difference (A - B) with its 95% interval. Episode i of a stored set is the
-same whatever the set's length, so a run on the first 30 episodes pairs with a run on 100.
-The runs must share the target, the episode seed and the sampler settings (refused otherwise).
+paired per-episode difference (A - B) with its 95% interval. Episodes are paired by their
+content: two runs on the same episode set (equal digests) pair on every common episode, and
+runs on different sets (a run on the first 30 episodes of a set and one on 100) pair only when
+each common episode has the same digest (task, split, size, classes, support and query
+indices); anything else is refused in one line. Runs written before episode digests were
+recorded pair only with the same task, split, episode seed and sampler settings, as they did.
 """
 from __future__ import annotations
 
@@ -35,16 +38,35 @@ def load(spec: str) -> tuple[dict, dict]:
     return results, results["methods"][method]
 
 
+def common_episodes(spec_a: str, ra: dict, a: dict, spec_b: str, rb: dict, b: dict) -> list[tuple[dict, dict]]:
+    """The (A, B) per-episode results of the episodes both were scored on, refused (ConfigError)
+    unless the two runs' episodes are the same episodes (see the module docstring)."""
+    ea, eb = ra["episode_set"], rb["episode_set"]
+    by_a = {e["episode"]: e for e in a["per_episode"]}
+    common = [(by_a[e["episode"]], e) for e in b["per_episode"] if e["episode"] in by_a]
+    if "digest" in ea and "digest" in eb:
+        if ea["digest"] != eb["digest"]:
+            da, db = ea["episode_digests"], eb["episode_digests"]
+            differ = [x["episode"] for x, _ in common if da.get(str(x["episode"])) != db.get(str(x["episode"]))]
+            if differ:
+                more = f" and {len(differ) - 1} more" if len(differ) > 1 else ""
+                raise ConfigError(f"{spec_a} and {spec_b} were scored on different episode sets (digests "
+                                  f"{ea['digest']}, {eb['digest']}): episode {differ[0]}{more} differ; compare runs "
+                                  "on the same episodes")
+        return common
+    same = ("task", "split", "seed", "sampler")
+    if any(ea.get(k) != eb.get(k) for k in same):
+        raise ConfigError(f"{spec_a} and {spec_b} were scored on different episode sets "
+                          f"({ {k: ea.get(k) for k in same} } vs { {k: eb.get(k) for k in same} })")
+    return common
+
+
 def compare(spec_a: str, spec_b: str) -> dict:
     """Both methods' means and their paired difference on the episodes both were scored on."""
     (ra, a), (rb, b) = load(spec_a), load(spec_b)
-    same = ("task", "seed", "sampler")
-    ea, eb = ra["episode_set"], rb["episode_set"]
-    if any(ea[k] != eb[k] for k in same):
-        raise ConfigError(f"{spec_a} and {spec_b} were scored on different episode sets "
-                          f"({ {k: ea[k] for k in same} } vs { {k: eb[k] for k in same} })")
-    by_a = {e["episode"]: e for e in a["per_episode"]}
-    common = [(by_a[e["episode"]], e) for e in b["per_episode"] if e["episode"] in by_a]
+    common = common_episodes(spec_a, ra, a, spec_b, rb, b)
+    if not common:
+        raise ConfigError(f"{spec_a} and {spec_b} have no episode in common: nothing to pair")
     out = {"a": spec_a, "b": spec_b, "episodes": len(common)}
     for metric in ("auroc", "acc"):
         out[f"a_{metric}"] = mean_ci([x[metric] for x, _ in common])

@@ -37,5 +37,15 @@ class MethodError(MedmetaError, ValueError):
     """A method name, import path or combination is unknown or cannot apply to the target."""
 
 
+class PluginError(MethodError):
+    """A user's method (imported by path) raised or returned something unusable; the message names
+    the method and its module, and the original exception is chained for ``--debug``."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as ``Type: message`` on one line (a user's message may span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
+
+
 class DiskFullError(MedmetaError, OSError):
     """A write ran out of disk space; nothing half-written was left behind."""

@@ -246,7 +246,8 @@ evaluate_method(Method(Scratch(), BreaksOnRank1()), build_backbone("resnet18"), 
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "RuntimeError: rank 1 broke" in out  # rank 1's own error, with its traceback
-    assert "MethodError: another process failed while adapting scratch+proto: RuntimeError: rank 1 broke" in out
+    assert ("MethodError: another process failed while adapting scratch+proto: PluginError: method scratch+proto: "
+            "BreaksOnRank1.predict (module __main__) raised RuntimeError: rank 1 broke") in out
 
 
 def test_torchrun_two_processes_match_one(synthetic: Synthetic, tmp_path: Path) -> None:

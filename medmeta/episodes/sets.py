@@ -3,9 +3,17 @@
 A set stores indices, not images, plus what identifies the data it was drawn from (task,
 size, split, number of samples, a CRC of the labels), so binding it to another dataset is
 refused. JSON lists of indices also protect stored sets from changes in numpy's random streams.
+
+A set is identified by its content: ``digest`` hashes its task, split, size and every
+episode's index, classes, support and query indices (``episode_digest`` one episode's), and
+is written into the file. Loading a file whose episodes no longer match its digest (edited by
+hand or by a script) is refused; a file written without one (by hand) is accepted and keyed by
+the digest of what it holds. Caches and results name the episodes by this digest, never by the
+sampler settings alone.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass, fields
@@ -28,6 +36,14 @@ EPISODE_SET_VERSION = 1
 
 class HasEpisodeSet(Protocol):
     def episode_set(self) -> EpisodeSet: ...
+
+
+def episode_digest(spec: EpisodeSpec, size: int) -> str:
+    """A short hash of one episode's content (task, split, size, index, classes, support, query):
+    two results of the same episode index are paired only when these agree."""
+    content = [spec.task_id, spec.split, size, spec.index, list(spec.classes), spec.support_indices.tolist(),
+               spec.query_indices.tolist()]
+    return hashlib.sha256(json.dumps(content, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def labels_crc(labels: np.ndarray) -> int:
@@ -66,6 +82,16 @@ class EpisodeSet:
             return NotImplemented
         return all(getattr(self, f.name) == getattr(other, f.name) for f in fields(self))
 
+    def episode_digests(self) -> dict[int, str]:
+        """Each episode's ``episode_digest``, by episode index."""
+        return {s.index: episode_digest(s, self.size) for s in self.specs}
+
+    @property
+    def digest(self) -> str:
+        """A hash of the set's content (every episode's ``episode_digest``, in order): what caches and
+        results key the episodes by."""
+        return hashlib.sha256(json.dumps(list(self.episode_digests().items())).encode()).hexdigest()[:16]
+
     def check(self, dataset: EpisodeSource) -> None:
         """Raise EpisodeError unless ``dataset`` is the task, size, split and data of this set."""
         got = {"task": dataset.task.task_id, "size": dataset.task.size, "split": dataset.split,
@@ -101,7 +127,7 @@ def save_episode_set(path: str | Path, episodes: EpisodeSet | HasEpisodeSet) -> 
         "format": EPISODE_SET_FORMAT, "version": EPISODE_SET_VERSION, "medmeta_version": __version__,
         "task_id": episodes.task_id, "size": episodes.size, "split": episodes.split,
         "n_samples": episodes.n_samples, "labels_crc32": episodes.labels_crc32, "seed": episodes.seed,
-        "sampler": episodes.sampler,
+        "sampler": episodes.sampler, "digest": episodes.digest,
         "episodes": [{"index": s.index, "classes": list(s.classes), "support": s.support_indices.tolist(),
                       "query": s.query_indices.tolist()} for s in episodes.specs],
     }
@@ -111,7 +137,8 @@ def save_episode_set(path: str | Path, episodes: EpisodeSet | HasEpisodeSet) -> 
 
 
 def load_episode_set(path: str | Path) -> EpisodeSet:
-    """Read a set written by ``save_episode_set``."""
+    """Read a set written by ``save_episode_set``; one whose episodes do not match the digest it
+    carries is refused (a set written by hand without a digest is accepted)."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -125,9 +152,14 @@ def load_episode_set(path: str | Path) -> EpisodeSet:
                         frozen(np.asarray(e["support"], dtype=np.int64)),
                         frozen(np.asarray(e["query"], dtype=np.int64)))
             for e in doc["episodes"])
-        return EpisodeSet(task_id, int(doc["size"]), split, int(doc["n_samples"]), int(doc["labels_crc32"]),
-                          seed, dict(doc["sampler"]), specs)
+        stored = EpisodeSet(task_id, int(doc["size"]), split, int(doc["n_samples"]), int(doc["labels_crc32"]),
+                            seed, dict(doc["sampler"]), specs)
+        claimed = doc.get("digest")
     except OSError as exc:
         raise EpisodeError(f"{path}: cannot read episode set ({exc.strerror})") from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise EpisodeError(f"{path}: cannot read episode set ({exc})") from None
+    if claimed is not None and claimed != stored.digest:
+        raise EpisodeError(f"{path}: its episodes do not match its digest (the file was edited); regenerate it "
+                           "with medmeta.episodes.save_episode_set, or delete it and the protocol draws its set again")
+    return stored

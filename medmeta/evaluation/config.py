@@ -18,11 +18,11 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from ..data.manifest import ImageSize
 from ..episodes.sampling import EVALUATION_EPISODES, QUERIES, SHOTS
-from ..errors import ConfigError, MethodError
+from ..errors import ConfigError, MethodError, PluginError, one_line
 from ..learning.maml import MAMLConfig
 from ..learning.models import ModelConfig
 from ..learning.pretrain import PretrainConfig
@@ -86,8 +86,9 @@ class ExperimentConfig(Settings):
 
     target: str = "retina"
     methods: list[str] = field(default_factory=lambda: ["scratch", "mmpt"])
-    reference: str = "scratch"
-    """Paired per-episode differences are reported against this method."""
+    reference: str | None = None
+    """Paired per-episode differences are reported against this method, one of the methods run
+    (default: the first of them); see ``resolve_reference``."""
     sources: Literal["default", "available"] | list[str] = "default"
     """default: every allowed source; available: those built or in --source-dir; or a list."""
     size: ImageSize = 28
@@ -110,6 +111,18 @@ class ExperimentConfig(Settings):
             raise ConfigError(f"config key methods: a method is named twice in {self.methods!r}")
 
 
+def resolve_reference(reference: str | None, methods: Sequence[str]) -> str:
+    """The method paired differences are taken against: ``reference`` if it is one of ``methods``
+    (refused in one line otherwise, before any work), the first method when it is None. Resolved
+    once per run, so every job, table and printout names the method it paired with."""
+    if reference is None:
+        return methods[0]
+    if reference not in methods:
+        raise ConfigError(f"config key reference: {reference!r} is not one of the methods run {list(methods)}; "
+                          "name one of them (--reference), or leave it out to pair with the first")
+    return reference
+
+
 def load_experiment_config(profile: str | Path | None = None, folder: Path | None = None,
                            overrides: Mapping[str, Any] | None = None, sets: Iterable[str] = ()) -> ExperimentConfig:
     """The defaults, merged with a YAML profile (path or name in ``folder``), then ``overrides``
@@ -117,20 +130,35 @@ def load_experiment_config(profile: str | Path | None = None, folder: Path | Non
     return load_settings(ExperimentConfig, profile, folder, overrides, sets)
 
 
-def _import(path: str) -> Any:
-    """``package.module:Name``, imported with the working directory on the path (as a user expects)."""
+def _import(path: str, method: str | None = None) -> Any:
+    """``package.module:Name``, imported with the working directory on the path (as a user expects);
+    a class is built without arguments. Whatever goes wrong is one ``PluginError`` line naming the
+    method (``method``, default ``path``) and the module (the original exception chained, for ``--debug``)."""
+    where = f"method {method or path!r}" + (f" ({path})" if method and method != path else "")
     module, _, name = path.partition(":")
     if not module or not name:
-        raise MethodError(f"method {path!r}: an import path is package.module:ClassName")
+        raise MethodError(f"{where}: an import path is package.module:ClassName")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        obj = getattr(importlib.import_module(module), name)
+        loaded = importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        raise MethodError(f"method {path!r}: cannot import {exc.name!r}; is it on PYTHONPATH?") from None
-    except AttributeError:
-        raise MethodError(f"method {path!r}: module {module!r} has no {name!r}") from None
-    return obj() if isinstance(obj, type) else obj
+        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
+            raise PluginError(f"{where}: cannot import {exc.name!r}; is it on PYTHONPATH?") from None
+        raise PluginError(f"{where}: importing module {module!r} raised {one_line(exc)}") from exc
+    except Exception as exc:
+        raise PluginError(f"{where}: importing module {module!r} raised {one_line(exc)}") from exc
+    if not hasattr(loaded, name):
+        raise PluginError(f"{where}: module {module!r} has no {name!r}")
+    obj = getattr(loaded, name)
+    if not isinstance(obj, type):
+        return obj
+    try:
+        return obj()
+    except Exception as exc:
+        raise PluginError(f"{where}: building {name}() (module {module}) raised {one_line(exc)}; a class "
+                          "named by import path is built without arguments: give its arguments defaults, or name "
+                          "an instance") from exc
 
 
 def builtin_initialisations(config: ExperimentConfig) -> dict[str, Initialisation]:
@@ -149,9 +177,9 @@ def _by_name(*parts: Initialisation | AdaptationRule) -> dict[str, Any]:
     return {part.name: part for part in parts}
 
 
-def _part(name: str, kind: type, builtins: dict[str, Any]) -> Any:
+def _part(name: str, kind: type, builtins: dict[str, Any], spec: str) -> Any:
     if ":" in name:
-        obj = _import(name)
+        obj = _import(name, spec)
         if not isinstance(obj, kind):
             raise MethodError(f"method part {name!r} is a {type(obj).__name__}, not an {kind.__name__}")
         return obj
@@ -167,8 +195,8 @@ def build_method(spec: str, config: ExperimentConfig) -> Method:
     parts = spec.split("+")
     inits, rules = builtin_initialisations(config), builtin_rules(config)
     if len(parts) == 2:
-        return Method(_part(parts[0].strip(), Initialisation, inits), _part(parts[1].strip(), AdaptationRule, rules),
-                      name=spec)
+        return Method(_part(parts[0].strip(), Initialisation, inits, spec),
+                      _part(parts[1].strip(), AdaptationRule, rules, spec), name=spec)
     if len(parts) != 1:
         raise MethodError(f"method {spec!r}: write a built-in name, init+rule or package.module:ClassName")
     if ":" in spec:
@@ -185,6 +213,15 @@ def build_method(spec: str, config: ExperimentConfig) -> Method:
                           f"(initialisations {sorted(inits)}, rules {sorted(rules)}) or package.module:ClassName")
     init, rule = BUILTIN_METHODS[spec]
     return Method(inits[init], rules[rule], name=spec)
+
+
+def methods_help() -> str:
+    """What ``--methods`` takes, listed from the registries (for ``--help``)."""
+    config = ExperimentConfig()
+    builtins = ", ".join(f"{name} ({init}+{rule})" for name, (init, rule) in BUILTIN_METHODS.items())
+    return (f"comma-separated methods: built-in {builtins}; or init+rule with initialisations "
+            f"{', '.join(builtin_initialisations(config))} and rules {', '.join(builtin_rules(config))}; or "
+            "package.module:ClassName for your own Method, Initialisation or AdaptationRule")
 
 
 def build_methods(config: ExperimentConfig) -> list[Method]:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,12 +36,14 @@ from ..data.manifest import Manifest
 from ..data.store import Store
 from ..data.tasks import MedMNISTTask, find_task
 from ..episodes import Episode, EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
-from ..errors import ConfigError, EpisodeError, MethodError
+from ..errors import ConfigError, EpisodeError, MethodError, PluginError
 from ..files import locked, read_cache, write_text_atomic
+from ..learning.models import changed_state, state_snapshot
 from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device, resolved_precision
-from ..methods import InitContext, Method, Sources
-from .config import EpisodesConfig, ExperimentConfig, build_methods
-from .results import add_paired_differences, format_table, package_versions, plot_results, summarise, write_results
+from ..methods import AdaptationRule, InitContext, Initialisation, Method, Sources
+from ..methods.base import plugin_errors, user_module
+from .config import EpisodesConfig, ExperimentConfig, build_methods, resolve_reference
+from .results import METRICS, add_paired_differences, format_table, package_versions, plot_results, summarise, write_results
 
 SEED_STRIDE = 100003
 """Episode i of a run with seed s gets seed s * SEED_STRIDE + i (e.g. for its head)."""
@@ -132,22 +135,47 @@ def prepare_target(store: Store, config: ExperimentConfig, out: Path) -> tuple[E
     return config, Target(dataset, stored, sampler.dropped)
 
 
+def _own_part(method: Method, part: Initialisation | AdaptationRule) -> object:
+    """Whose code runs: a user's ``Method`` subclass, else the initialisation or rule it pairs."""
+    return method if user_module(method) else part
+
+
+def _rule_named(method: Method) -> str:
+    """``method NAME``, with the module of its rule where that is a user's (for error lines)."""
+    module = user_module(_own_part(method, method.rule))
+    return f"method {method.name}" + (f" (module {module})" if module else "")
+
+
 def _score(method: Method, backbone: nn.Module, batch: list[Episode], seed: int) -> list[dict[str, float]]:
     """Adapt to each episode of ``batch`` (query labels hidden) and score its query set."""
-    scores = method.predict_many(backbone, [e.without_query_labels() for e in batch],
-                                 [seed * SEED_STRIDE + e.index for e in batch]) if batch else []
+    if not batch:
+        return []
+    rule = _own_part(method, method.rule)
+    with plugin_errors(method.name, rule, "predict"):
+        scores = list(method.predict_many(backbone, [e.without_query_labels() for e in batch],
+                                          [seed * SEED_STRIDE + e.index for e in batch]))
+    where = _rule_named(method)
+    if len(scores) != len(batch):
+        raise PluginError(f"{where} returned {len(scores)} score tensors for {len(batch)} episodes")
     results = []
     for e, s in zip(batch, scores):
+        if not isinstance(s, torch.Tensor):
+            raise PluginError(f"{where} returned a {type(s).__name__} for episode {e.index}; return a tensor of "
+                              "query scores (n_query, num_outputs)")
         want = (len(e.query_x), e.num_outputs)
         if tuple(s.shape) != want:
-            raise MethodError(f"method {method.name} returned scores shaped {tuple(s.shape)} for episode "
+            raise MethodError(f"{where} returned scores shaped {tuple(s.shape)} for episode "
                               f"{e.index}; expected (n_query, num_outputs) = {want}")
         if not torch.isfinite(s).all():
-            raise MethodError(f"method {method.name} returned NaN or infinite scores for episode {e.index} "
+            raise MethodError(f"{where} returned NaN or infinite scores for episode {e.index} "
                               "(a diverging fine-tune? try a lower learning rate)")
         assert e.query_y is not None
         results.append({"episode": e.index, **e.task_type.evaluate(e.query_y.cpu(), s.float().cpu())})
     return results
+
+
+class BackboneChanged(MethodError):
+    """A rule changed the backbone it was given (which other methods and episodes share)."""
 
 
 def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: int, device: torch.device,
@@ -166,6 +194,10 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
     Ranks score their chunks in lockstep and gather after each; a failure on any rank (in a
     method, or in rank 0's ``on_chunk``) is raised on every rank at the next gather instead of
     leaving the others waiting.
+
+    After the last episode the backbone must be bit for bit what it was (parameters and
+    buffers): a rule that changed it raises ``BackboneChanged`` instead of returning results
+    that depend on the order episodes ran in, and before the last chunk is saved.
     """
     wanted = list(range(len(target.episodes)) if episodes is None else episodes)
     indices = {target.episodes[p].index for p in wanted}
@@ -174,12 +206,19 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
     positions = [p for p in wanted if target.episodes[p].index not in finished]
     stream = materialise(target.dataset, [target.episodes[i] for i in distributed.shard(positions)], device=device)
     rounds = -(-len(positions) // (distributed.world_size() * chunk))
+    before = state_snapshot(backbone)
     with distributed.progress(total=len(wanted), initial=len(finished), desc=f"adapt {method.name}",
                               unit="episode") as bar, deterministic_cudnn():
         for r in range(rounds + 1):  # the last round only saves the last chunk and reports failures
             mine: list[dict[str, float]] = []
             failure: BaseException | None = None
             try:
+                changed = changed_state(backbone, before) if r == rounds else []
+                if changed:
+                    raise BackboneChanged(
+                        f"{_rule_named(method)} changed the backbone it was given ({len(changed)} of its tensors, "
+                        f"e.g. {changed[0]}); a rule must adapt a copy (medmeta.learning.finetune.WorkingCopy), never "
+                        "the backbone other methods and episodes share")
                 if r > 0 and on_chunk is not None and distributed.is_main():
                     on_chunk(sorted(per_episode, key=lambda e: e["episode"]))
                 if r < rounds:
@@ -235,8 +274,12 @@ class Protocol:
         sweep checks its jobs this way on a submit host that may have no GPU)."""
         self.store = Store(root, manifest)
         target = self.store.manifest.resolve(config.target)
-        self.config = config.replace(target=target)
-        self.methods = list(methods) if methods is not None else build_methods(self.config)
+        self.methods = list(methods) if methods is not None else build_methods(config)
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise MethodError(f"two methods share a name in {names}: give each its own (Method(..., name=...))")
+        # The config records what runs: the methods' names and the one reference resolved from them.
+        self.config = config.replace(target=target, methods=names, reference=resolve_reference(config.reference, names))
         self.dims = self.store.manifest[target].dims
         for m in self.methods:
             if self.dims not in m.init.dims:
@@ -269,17 +312,15 @@ class Protocol:
         return Sources(split("train"), split("val"))
 
     def cache_key(self, method: Method, target: Target) -> str:
-        """A hash of everything a method's result depends on. A set the protocol drew is a pure
-        function of its settings; a set from ``--episodes-file`` adds its indices; a weights file
-        adds its size and modification time."""
+        """A hash of everything a method's result depends on: the episodes by their content
+        (``EpisodeSet.digest``) and the labels they were drawn from; a weights file by its size and
+        modification time."""
         c, episodes = self.config, target.episodes
         key: dict[str, Any] = {
             "method": method.settings(), "model": c.model.to_dict(), "size": c.size, "seed": c.seed,
             "sources": self.sources if method.needs_sources else [],
-            "episodes": [episodes.task_id, episodes.seed, episodes.sampler, len(episodes), episodes.labels_crc32],
+            "episodes": [episodes.digest, episodes.labels_crc32],
             **resolved_precision(method.settings(), self.device)}
-        if c.episodes.file:
-            key["episode_indices"] = stable_hash([s.indices.tolist() for s in episodes])
         stats = [(f, Path(f).stat()) for f in (c.model.imagenet_weights, c.checkpoint) if f and Path(f).is_file()]
         if stats:
             key["files"] = [(f, st.st_size, st.st_mtime_ns) for f, st in stats]
@@ -296,7 +337,12 @@ class Protocol:
             # Another job of a sweep may be training the same folder: rank 0 waits for it, then all ranks go.
             with locked(folder / ".lock") if distributed.is_main() and method.needs_sources else nullcontext():
                 distributed.barrier()
-                backbone = method.prepare(context).to(self.device)
+                with plugin_errors(method.name, _own_part(method, method.init), "backbone"):
+                    backbone = method.prepare(context)
+                if not isinstance(backbone, nn.Module):
+                    raise PluginError(f"method {method.name}: its initialisation returned a {type(backbone).__name__}, "
+                                      "not a torch.nn.Module backbone")
+                backbone = backbone.to(self.device)
                 distributed.barrier()
             log = folder / "training.json"  # written by the initialisation just now (see save_trained)
             seconds = (json.loads(log.read_text())["seconds"] if log.is_file()
@@ -325,7 +371,9 @@ class Protocol:
             "versions": package_versions(), "reference": config.reference,
             "episode_set": {"task": target.episodes.task_id, "split": target.episodes.split,
                             "count": len(target.episodes), "sampler": target.episodes.sampler,
-                            "seed": target.episodes.seed, "dropped": list(target.dropped)},
+                            "seed": target.episodes.seed, "dropped": list(target.dropped),
+                            "size": target.episodes.size, "digest": target.episodes.digest,
+                            "episode_digests": target.episodes.episode_digests()},
             "methods": {}}
         writer = SummaryWriter(self.out / "tensorboard") if main else None
         try:
@@ -355,7 +403,7 @@ class Protocol:
         backbone, train_seconds = self.backbone(method, writer)
         # Episodes scored before an interruption (same key) are kept: a killed run redoes at most a chunk.
         partial = cache.parent / "partial" / cache.name
-        saved = distributed.broadcast(_read_partial(partial, key) if distributed.is_main() else {})
+        saved = distributed.broadcast(_read_partial(partial, key, target) if distributed.is_main() else {})
         adapt_start = time.perf_counter()
         earlier = saved.get("adapt_seconds", 0.0)
 
@@ -363,8 +411,14 @@ class Protocol:
             seconds = earlier + time.perf_counter() - adapt_start
             write_text_atomic(partial, json.dumps({"key": key, "per_episode": so_far, "adapt_seconds": seconds}))
 
-        per_episode = evaluate_method(method, backbone, target, self.config.seed, self.device,
-                                      self.config.episodes.chunk, done=saved.get("per_episode", []), on_chunk=save)
+        try:
+            per_episode = evaluate_method(method, backbone, target, self.config.seed, self.device,
+                                          self.config.episodes.chunk, done=saved.get("per_episode", []),
+                                          on_chunk=save)
+        except BackboneChanged:
+            if distributed.is_main():  # what it scored depends on the changes: nothing of it is kept
+                partial.unlink(missing_ok=True)
+            raise
         done = time.perf_counter()
         if writer is not None:
             for e in per_episode:
@@ -378,10 +432,45 @@ class Protocol:
         return result
 
 
-def _read_partial(path: Path, key: str) -> dict[str, Any]:
-    """The episodes an interrupted run scored, if it ran with this key (else nothing to reuse)."""
+def _read_partial(path: Path, key: str, target: Target) -> dict[str, Any]:
+    """The episodes an interrupted run scored, if it ran with this key (else nothing to reuse).
+    A file whose entries are not each a distinct episode of the set with every metric a number is
+    warned about in one line and ignored: its episodes are adapted again."""
     saved = read_cache(path, "its episodes are adapted again")
-    return saved if isinstance(saved, dict) and saved.get("key") == key else {}
+    if not isinstance(saved, dict) or saved.get("key") != key:
+        return {}
+    problem = partial_problem(saved, {s.index for s in target.episodes})
+    if problem:
+        warnings.warn(f"{path}: {problem}; its episodes are adapted again", stacklevel=2)
+        return {}
+    return saved
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def partial_problem(saved: dict[str, Any], episodes: set[int]) -> str:
+    """What is wrong with a partial result (``{"per_episode": [...], "adapt_seconds": s}``) for a
+    set of these episode indices, or "" when nothing is."""
+    entries = saved.get("per_episode")
+    if not isinstance(entries, list):
+        return "per_episode is not a list"
+    if not _number(saved.get("adapt_seconds")) or saved["adapt_seconds"] < 0:
+        return f"adapt_seconds is {saved.get('adapt_seconds')!r}, not a number of seconds"
+    seen: set[int] = set()
+    for e in entries:
+        if not isinstance(e, dict) or not isinstance(e.get("episode"), int) or isinstance(e.get("episode"), bool):
+            return f"an entry without an episode index: {e!r}"
+        if e["episode"] not in episodes:
+            return f"episode {e['episode']} is not in the episode set"
+        if e["episode"] in seen:
+            return f"episode {e['episode']} is listed twice"
+        seen.add(e["episode"])
+        bad = [m for m in METRICS if not _number(e.get(m))]
+        if bad:
+            return f"episode {e['episode']} has no numeric {bad[0]}"
+    return ""
 
 
 def run_protocol(config: ExperimentConfig, out: str | Path, methods: Sequence[Method] | None = None,

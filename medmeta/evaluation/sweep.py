@@ -33,8 +33,8 @@ from ..data.manifest import Manifest, load_manifest
 from ..data.store import Store
 from ..errors import ConfigError, MethodError
 from ..files import atomic_path, read_cache, write_text_atomic
-from ..settings import from_mapping
-from .config import ExperimentConfig, build_method
+from ..settings import from_mapping, repeated
+from .config import ExperimentConfig, build_method, resolve_reference
 from .protocol import Protocol
 from .results import METRICS, package_versions, write_csv
 
@@ -78,12 +78,14 @@ def methods_for(config: ExperimentConfig, dims: int) -> list[str]:
 
 def job_config(config: ExperimentConfig, target: str, seed: int, dims: int) -> ExperimentConfig:
     """The config of one (target, seed) job: the methods that apply to the target's
-    dimensionality, and the reference among them."""
+    dimensionality, and the reference among them (the sweep's, or the job's first method where
+    the sweep's does not apply: each row of the table names the reference it was paired with)."""
+    reference = resolve_reference(config.reference, config.methods)
     methods = methods_for(config, dims)
     if not methods:
         raise MethodError(f"none of the methods {config.methods} applies to {target} ({dims}D)")
-    reference = config.reference if config.reference in methods else methods[0]
-    return config.replace(target=target, seed=seed, methods=methods, reference=reference)
+    return config.replace(target=target, seed=seed, methods=methods,
+                          reference=reference if reference in methods else methods[0])
 
 
 def job_done(job: Job, config: ExperimentConfig) -> bool:
@@ -123,6 +125,9 @@ class Sweep:
     manifests: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        twice = repeated(self.seeds)
+        if twice is not None or not self.seeds:
+            raise ConfigError(f"seeds {self.seeds}: give distinct seeds" + (f" ({twice} is given twice)" if self.seeds else ""))
         self.manifest = load_manifest(list(self.manifests))
         self.store = Store(self.root, self.manifest)
         self.targets = resolve_targets(self.targets, self.manifest, self.store, self.config.size, self.source_dir)
@@ -228,7 +233,7 @@ class Sweep:
             return None
         runs = {job: json.loads((job.out / "results.json").read_text()) for job in self.jobs}
         table = combine(runs)
-        combined = {"targets": self.targets, "seeds": self.seeds, "reference": self.config.reference,
+        combined = {"targets": self.targets, "seeds": self.seeds, "reference": reference_label(table),
                     "shots": self.config.episodes.shots,
                     "config": self.config.to_dict(), "versions": package_versions(), "table": table,
                     "runs": {job.name: str(job.out / "results.json") for job in self.jobs}}
@@ -262,6 +267,19 @@ def combine(runs: dict[Job, dict[str, Any]]) -> list[dict[str, Any]]:
         row["reference"] = ms[0]["reference"]
         out.append(row)
     return out
+
+
+def reference_label(table: Sequence[dict[str, Any]]) -> str:
+    """The reference the rows were paired with, as the table's heading names it: one method, or
+    each target's where they differ (a 2D-only reference in a sweep with 3D targets)."""
+    by_reference: dict[str, list[str]] = {}
+    for row in table:
+        targets = by_reference.setdefault(row["reference"], [])
+        if row["target"] not in targets:
+            targets.append(row["target"])
+    if len(by_reference) == 1:
+        return next(iter(by_reference))
+    return "; ".join(f"{ref} ({', '.join(targets)})" for ref, targets in by_reference.items())
 
 
 TABLE_FIELDS = ("target", "method", "seeds", "episodes", "auroc", "auroc_ci95", "auroc_seed_std", "auroc_diff",

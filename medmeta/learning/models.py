@@ -496,3 +496,25 @@ def batchnorm_restored(module: nn.Module) -> Iterator[None]:
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer of ``module`` (on its device), for ``changed_state``."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed_state(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the parameters and buffers of ``module`` that differ, bit for bit, from ``snapshot``
+    (NaN included), or that were added or removed."""
+    state = {k: v.detach() for k, v in module.state_dict().items()}
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.view(_SAME_SIZE_INT[t.element_size()]) if t.is_floating_point() else t
+
+    changed = [k for k in state.keys() & snapshot.keys()
+               if state[k].shape != snapshot[k].shape or state[k].dtype != snapshot[k].dtype
+               or not torch.equal(bits(state[k]), bits(snapshot[k]))]
+    return sorted(changed + list(state.keys() ^ snapshot.keys()))

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +37,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..data.tasks import MedMNISTTask
 from ..episodes import Episode
+from ..errors import MedmetaError, PluginError, one_line
 from ..learning.models import ModelConfig
 
 
@@ -125,3 +127,27 @@ class Method:
 
     def __repr__(self) -> str:
         return f"Method({self.name!r}, init={self.init!r}, rule={self.rule!r})"
+
+
+def user_module(obj: object) -> str | None:
+    """The module defining ``obj``'s class when it is a user's (not medmeta's own), else None."""
+    module = type(obj).__module__
+    return None if module == "medmeta" or module.startswith("medmeta.") else module
+
+
+@contextmanager
+def plugin_errors(method: str, part: object, action: str) -> Iterator[None]:
+    """Turn an exception raised by a user's ``part`` (an initialisation, rule or method imported by
+    path) during ``action`` into one ``PluginError`` line naming the method and the module; the
+    original stays chained. medmeta's own parts raise as they are (an internal bug keeps its
+    traceback)."""
+    module = user_module(part)
+    try:
+        yield
+    except MedmetaError:
+        raise
+    except Exception as exc:
+        if module is None:
+            raise
+        raise PluginError(f"method {method}: {type(part).__qualname__}.{action} (module {module}) raised "
+                          f"{one_line(exc)}") from exc
