@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from medmeta.episodes import Episode
 from medmeta.learning.maml import MAML, inner_adapt, maml_loss
+from medmeta.methods import MAMLInner
 from medmeta.tasktype import TaskType
 
 
@@ -300,6 +301,53 @@ def test_maml_adapt_and_predict(bn_train: bool) -> None:
     assert torch.equal(logits, again)
     zero_steps = maml.adapt_and_predict(ep, steps=0)
     assert not zero_steps.any()  # zero head
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def ref_inner_rule(p: dict[str, Tensor], running: tuple[Tensor, Tensor] | None, ep: Episode, steps: int,
+                   lr: float) -> Tensor:
+    """The inner rule by hand: SmallNet written out, ``steps`` SGD steps with torch.autograd.grad
+    on the support loss from a zero head (every tensor at rate ``lr``), then the query's logits.
+    BatchNorm normalises with the statistics of the batch at hand (support, then query) when
+    ``running`` is None, else with the running (mean, var)."""
+    def forward(q: dict[str, Tensor], x: Tensor) -> Tensor:
+        h = F.conv2d(x, q["conv.weight"], q.get("conv.bias"), padding=1)
+        if "bn.weight" in q:
+            mean, var = running if running is not None else (None, None)
+            h = F.batch_norm(h, mean, var, q["bn.weight"], q["bn.bias"], training=running is None, eps=1e-5)
+        feats = F.linear(F.relu(h).mean((2, 3)), q["fc.weight"], q["fc.bias"])
+        return F.linear(feats, q["head.weight"], q["head.bias"])
+
+    q = {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
+    q["head.weight"] = torch.zeros(ep.num_outputs, 6, dtype=torch.float64, requires_grad=True)
+    q["head.bias"] = torch.zeros(ep.num_outputs, dtype=torch.float64, requires_grad=True)
+    for _ in range(steps):
+        loss = task_loss(ep.task_type, forward(q, ep.support_x), ep.support_y)
+        grads = torch.autograd.grad(loss, list(q.values()))
+        q = {k: (v - lr * g).detach().requires_grad_(True) for (k, v), g in zip(q.items(), grads)}
+    with torch.no_grad():
+        return forward(q, ep.query_x)
+
+
+@pytest.mark.parametrize(("bn", "bn_train"), [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("make", [episodes_pair, mixed_episodes])
+def test_inner_rule_matches_hand_unrolled_sgd(bn: bool, bn_train: bool, make) -> None:
+    """MAMLInner (``maml.adapt_and_predict``) against ``ref_inner_rule`` in float64, on every task
+    type; the running statistics are moved off (0, 1) so that the two BatchNorm modes differ."""
+    torch.manual_seed(4)
+    net = SmallNet(bn).double()
+    if bn:
+        with torch.no_grad():
+            net.bn.running_mean.uniform_(-1, 1)
+            net.bn.running_var.uniform_(0.5, 2)
+    running = (net.bn.running_mean.clone(), net.bn.running_var.clone()) if bn and not bn_train else None
+    before = copy.deepcopy(net.state_dict())
+    for ep in make(5):
+        ours = MAMLInner(steps=4, lr=0.5, bn_train=bn_train).predict(net, ep, seed=0)
+        ref = ref_inner_rule(dict(net.named_parameters()), running, ep, steps=4, lr=0.5)
+        assert ref.abs().max() > 1e-3  # the head moved away from zero
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-10)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
 
