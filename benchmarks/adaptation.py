@@ -126,8 +126,11 @@ def plain_rules(args: argparse.Namespace) -> dict[str, Callable[[nn.Module, Epis
 
 
 def our_rules(args: argparse.Namespace) -> dict[str, object]:
-    return {"finetune": FineTune(steps=args.steps), "linear": LinearProbe(), "knn": KNN(), "proto": Prototypes(),
-            "lpft": LPFT(finetune=FineTune(steps=args.steps)), "inner": MAMLInner(steps=args.inner_steps)}
+    # The plain versions re-estimate BatchNorm on the support: our rules do the same here.
+    return {"finetune": FineTune(steps=args.steps), "linear": LinearProbe(bn="support"), "knn": KNN(bn="support"),
+            "proto": Prototypes(bn="support"),
+            "lpft": LPFT(probe=LinearProbe(bn="support"), finetune=FineTune(steps=args.steps)),
+            "inner": MAMLInner(steps=args.inner_steps)}
 
 
 def per_episode(fn: Callable[[], object], count: int) -> float:

@@ -239,8 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
                 state.update(backbone=build_backbone("resnet18", stem="imagenet").to(device),
                              eps=[e.to(device) for e in episodes(big, n_adapt)])
             backbone, eps = state["backbone"], state["eps"]
-            every = {"linear": LinearProbe(), "knn": KNN(), "proto": Prototypes(),
-                     "lpft": LPFT(finetune=FineTune(steps=ft_steps)), "inner": MAMLInner(steps=2) if smoke else MAMLInner()}
+            every = {"linear": LinearProbe(bn="support"), "knn": KNN(bn="support"), "proto": Prototypes(bn="support"),
+                     "lpft": LPFT(probe=LinearProbe(bn="support"), finetune=FineTune(steps=ft_steps)),
+                     "inner": MAMLInner(steps=2) if smoke else MAMLInner()}
             for rule_name, rule in every.items():
                 seconds, scores = timed(lambda r=rule: r.predict_many(backbone, eps, list(range(n_adapt))), device)
                 assert all(torch.isfinite(s).all() for s in scores), rule_name

@@ -195,8 +195,8 @@ def test_frozen_features_use_batchnorm_statistics_of_the_support(net: nn.Module)
             m.running_mean.fill_(5.0)
             m.running_var.fill_(0.01)
     before = {k: v.clone() for k, v in skewed.state_dict().items()}
-    a = frozen_features(WorkingCopy(net).reset(), ep)
-    b = frozen_features(WorkingCopy(skewed).reset(), ep)
+    a = frozen_features(WorkingCopy(net).reset(), ep, "support")
+    b = frozen_features(WorkingCopy(skewed).reset(), ep, "support")
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
     for k, v in skewed.state_dict().items():

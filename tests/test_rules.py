@@ -41,7 +41,7 @@ def logit(p: float) -> float:
 
 
 def test_knn_binary_is_the_distance_weighted_vote_share() -> None:
-    scores = KNN(k=3).predict(identity_backbone(), binary_episode(), seed=0)
+    scores = KNN(bn="support", k=3).predict(identity_backbone(), binary_episode(), seed=0)
     # Query (1, 0): nearest are (0,0) d=1, (0,1) d=sqrt(2) (negatives), (3,0) d=2 (positive).
     w = [1 / 1, 1 / math.sqrt(2), 1 / 2]
     share = w[2] / sum(w)
@@ -55,31 +55,31 @@ def test_knn_multiclass_and_multilabel_hand_computed() -> None:
     support = torch.tensor([[0.0, 0.0], [0.0, 2.0], [4.0, 0.0]])
     query = torch.tensor([[0.0, 1.0]])
     mc = Episode(support, torch.tensor([0, 1, 2]), query, None, TaskType.MULTI_CLASS, (0, 1, 2))
-    scores = KNN(k=2).predict(identity_backbone(), mc, seed=0)
+    scores = KNN(bn="support", k=2).predict(identity_backbone(), mc, seed=0)
     # Nearest two: (0,0) and (0,2), both at distance 1: half the vote each; class 2 gets none.
     np.testing.assert_allclose(torch.softmax(scores, 1).numpy(), [[0.5, 0.5, 0.0]], atol=1e-5)
     y = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     ml = Episode(support, y, query, None, TaskType.MULTI_LABEL, (0, 1))
-    scores = KNN(k=2).predict(identity_backbone(), ml, seed=0)
+    scores = KNN(bn="support", k=2).predict(identity_backbone(), ml, seed=0)
     # Label 0: both neighbours positive; label 1: one of two.
     np.testing.assert_allclose(torch.sigmoid(scores).numpy(), [[1 - 1e-6, 0.5]], atol=1e-5)
-    cosine = KNN(k=1, metric="cosine").predict(identity_backbone(), mc, seed=0)
+    cosine = KNN(bn="support", k=1, metric="cosine").predict(identity_backbone(), mc, seed=0)
     assert cosine.argmax().item() == 1  # (0, 1) points the way of (0, 2)
 
 
 def test_prototypes_hand_computed() -> None:
-    scores = Prototypes().predict(identity_backbone(), binary_episode(), seed=0)
+    scores = Prototypes(bn="support").predict(identity_backbone(), binary_episode(), seed=0)
     # Means (0, .5) and (3, .5); query (1, 0): squared distances 1.25 and 4.25.
     assert scores[0, 0].item() == pytest.approx(1.25 - 4.25)
     support = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 4.0]])
     y = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     ml = Episode(support, y, torch.tensor([[1.0, 1.0]]), None, TaskType.MULTI_LABEL, (0, 1))
-    scores = Prototypes().predict(identity_backbone(), ml, seed=0)
+    scores = Prototypes(bn="support").predict(identity_backbone(), ml, seed=0)
     # Label 0: positive mean (1, 0), negative (0, 4): d^2 = 1 and 10 -> 10 - 1 = 9.
     # Label 1: positive mean (1, 2), negative (0, 0): d^2 = 1 and 2 -> 2 - 1 = 1.
     np.testing.assert_allclose(scores.numpy(), [[9.0, 1.0]], atol=1e-5)
     mc = Episode(support, torch.tensor([0, 1, 2]), torch.tensor([[1.0, 1.0]]), None, TaskType.ORDINAL, (0, 1, 2))
-    np.testing.assert_allclose(Prototypes().predict(identity_backbone(), mc, seed=0).numpy(), [[-2.0, -2.0, -10.0]])
+    np.testing.assert_allclose(Prototypes(bn="support").predict(identity_backbone(), mc, seed=0).numpy(), [[-2.0, -2.0, -10.0]])
 
 
 def parallel_float32_vector() -> torch.Tensor:
@@ -98,7 +98,7 @@ def test_knn_cosine_splits_the_vote_between_exactly_parallel_float32_features() 
     a = parallel_float32_vector()
     support = torch.stack([a, 3 * a])
     ep = Episode(support, torch.tensor([1, 0]), a[None], None, TaskType.BINARY, (0, 1))
-    scores = KNN(k=2, metric="cosine").predict(identity_backbone(), ep, seed=0)
+    scores = KNN(bn="support", k=2, metric="cosine").predict(identity_backbone(), ep, seed=0)
     assert torch.sigmoid(scores).item() == pytest.approx(0.5, abs=1e-6)
     assert torch.equal(distances(a[None], support, "cosine"), torch.zeros(1, 2))
 
@@ -116,7 +116,7 @@ def test_knn_query_identical_to_a_support_image_gets_its_labels(dtype: torch.dty
     if task_type.multilabel:
         y = torch.randint(0, 2, (12, 3), generator=gen)
     ep = Episode(support, y, support.clone(), None, task_type, (0, 1) if task_type.binary else (0, 1, 2))
-    scores = KNN(metric=metric).predict(identity_backbone(8).to(dtype), ep, seed=0)
+    scores = KNN(bn="support", metric=metric).predict(identity_backbone(8).to(dtype), ep, seed=0)
     assert torch.isfinite(scores).all()
     if task_type.choose_classes:
         own = torch.softmax(scores.double(), 1)[torch.arange(12), y]
@@ -134,7 +134,7 @@ def test_knn_duplicates_among_many_float32_rows_still_vote_for_their_class() -> 
     support = torch.randn(60, 8, generator=gen) + 10
     y = torch.arange(60) % 3
     ep = Episode(support, y, support.clone(), None, TaskType.MULTI_CLASS, (0, 1, 2))
-    scores = KNN().predict(identity_backbone(8), ep, seed=0)
+    scores = KNN(bn="support").predict(identity_backbone(8), ep, seed=0)
     assert torch.isfinite(scores).all() and torch.equal(scores.argmax(1), y)
     assert torch.softmax(scores, 1)[torch.arange(60), y].min() > 0.9
 
@@ -148,7 +148,7 @@ def test_linear_probe_solves_scikit_learns_logistic_regression(task_type: TaskTy
     ep = Episode(torch.tensor(x, dtype=torch.float64), torch.tensor(y), torch.tensor(x[:5], dtype=torch.float64),
                  None, task_type, tuple(range(n_classes)))
     net = identity_backbone(4).double()
-    scores = LinearProbe(c=0.5, max_iter=500).predict(net, ep, seed=0)
+    scores = LinearProbe(bn="support", c=0.5, max_iter=500).predict(net, ep, seed=0)
     reference = LogisticRegression(C=0.5, tol=1e-10, max_iter=10000).fit(x, y).decision_function(x[:5])
     if task_type.binary:
         np.testing.assert_allclose(scores[:, 0].numpy(), reference, atol=1e-4)
@@ -162,7 +162,7 @@ def probe_scores(x: np.ndarray, y: np.ndarray, task_type: TaskType, dtype: torch
     n_out = 1 if task_type.binary else (y.shape[1] if task_type.multilabel else int(y.max()) + 1)
     ep = Episode(torch.tensor(x, dtype=dtype), torch.tensor(y), torch.tensor(x, dtype=dtype), None, task_type,
                  tuple(range(2 if task_type.binary else n_out)))
-    return LinearProbe(**settings).predict(identity_backbone(x.shape[1]).to(dtype), ep, seed=0).double().numpy()
+    return LinearProbe(**{"bn": "support", **settings}).predict(identity_backbone(x.shape[1]).to(dtype), ep, seed=0).double().numpy()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -205,13 +205,13 @@ def test_frozen_features_take_batchnorm_statistics_from_the_support_only() -> No
     other = Episode(ep.support_x, ep.support_y, torch.cat([ep.query_x[:1] * 5 + 2, ep.query_x[1:]]), None,
                     ep.task_type, ep.classes)
     work = WorkingCopy(net)
-    support, query = frozen_features(work.reset(), ep)
-    support2, query2 = frozen_features(work.reset(), other)
+    support, query = frozen_features(work.reset(), ep, "support")
+    support2, query2 = frozen_features(work.reset(), other, "support")
     torch.testing.assert_close(support2, support, rtol=0, atol=0)
     torch.testing.assert_close(query2[1:], query[1:], rtol=0, atol=0)
     assert not torch.allclose(query2[0], query[0])
     # ... and so the rules' scores for the unchanged queries
-    for rule in (KNN(), Prototypes(), LinearProbe()):
+    for rule in (KNN(bn="support"), Prototypes(bn="support"), LinearProbe(bn="support")):
         torch.testing.assert_close(rule.predict(net, other, seed=0)[1:], rule.predict(net, ep, seed=0)[1:],
                                    rtol=0, atol=0)
 
@@ -227,17 +227,17 @@ def test_cosine_prototypes_hand_computed() -> None:
     support = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0], [0.0, 3.0], [4.0, 0.0], [0.0, 2.0]])
     query = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     mc = Episode(support, torch.tensor([0, 0, 1, 1, 2, 2]), query, None, TaskType.MULTI_CLASS, (0, 1, 2))
-    scores = Prototypes(metric="cosine").predict(identity_backbone(), mc, seed=0)
+    scores = Prototypes(bn="support", metric="cosine").predict(identity_backbone(), mc, seed=0)
     # Means (3, 0), (0, 2), (2, 1). Query (3, 4): cos 3/5, 4/5 and 10/(5 sqrt 5); query (1, 0): 1, 0, 2/sqrt 5.
     expected = [[-0.4, -0.2, -(1 - 2 / math.sqrt(5))], [0.0, -1.0, -(1 - 2 / math.sqrt(5))]]
     np.testing.assert_allclose(scores.numpy(), expected, atol=1e-6)
     binary = Episode(support[:4], torch.tensor([0, 0, 1, 1]), query, None, TaskType.BINARY, (0, 1))
-    scores = Prototypes(metric="cosine").predict(identity_backbone(), binary, seed=0)
+    scores = Prototypes(bn="support", metric="cosine").predict(identity_backbone(), binary, seed=0)
     # d(negative mean (3, 0)) - d(positive mean (0, 2)).
     np.testing.assert_allclose(scores[:, 0].numpy(), [0.4 - 0.2, 0.0 - 1.0], atol=1e-6)
     y = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0], [1, 0], [0, 1]])
     ml = Episode(support, y, query, None, TaskType.MULTI_LABEL, (0, 1))
-    scores = Prototypes(metric="cosine").predict(identity_backbone(), ml, seed=0)
+    scores = Prototypes(bn="support", metric="cosine").predict(identity_backbone(), ml, seed=0)
     pos = [(10 / 3, 0.0), (4 / 3, 1.0)]  # label 0: rows 0, 1, 4; label 1: rows 1, 2, 5
     neg = [(0.0, 2.0), (2.0, 1.0)]  # label 0: rows 2, 3, 5; label 1: rows 0, 3, 4
     expected = [[cosine_distance(q, neg[j]) - cosine_distance(q, pos[j]) for j in range(2)]
@@ -267,7 +267,7 @@ def random_episode(task_type: TaskType, gen: torch.Generator, n: int = 3) -> Epi
 
 
 @pytest.mark.parametrize("task_type", list(TaskType))
-@pytest.mark.parametrize("rule", [FineTune(steps=3), LinearProbe(), KNN(), Prototypes(), LPFT(), MAMLInner(steps=3)],
+@pytest.mark.parametrize("rule", [FineTune(steps=3), LinearProbe(bn="support"), KNN(bn="support"), Prototypes(bn="support"), LPFT(probe=LinearProbe(bn="support")), MAMLInner(steps=3)],
                          ids=lambda r: r.name)
 def test_every_rule_on_every_task_type_leaves_the_backbone_alone(task_type: TaskType, rule) -> None:
     torch.manual_seed(0)
@@ -285,11 +285,11 @@ def test_lpft_starts_fine_tuning_from_the_probe_head() -> None:
     torch.manual_seed(0)
     net = SmallBN()
     ep = random_episode(TaskType.MULTI_CLASS, torch.Generator().manual_seed(2))
-    rule = LPFT(finetune=FineTune(steps=1, lr=1e-12))
+    rule = LPFT(probe=LinearProbe(bn="support"), finetune=FineTune(steps=1, lr=1e-12))
     lpft = rule.predict(net, ep, seed=0)
     work = WorkingCopy(net)
-    support, _ = frozen_features(work.reset(), ep)
-    head = LinearProbe().head(support, ep.support_y, ep)
+    support, _ = frozen_features(work.reset(), ep, "support")
+    head = LinearProbe(bn="support").head(support, ep.support_y, ep)
     assert head["weight"].abs().sum() > 0
     torch.testing.assert_close(lpft, fine_tune(work, ep, steps=1, lr=1e-12, seed=0, head=head))
     fresh = fine_tune(work, ep, steps=1, lr=1e-12, seed=0)

@@ -38,7 +38,8 @@ from ..data.tasks import MedMNISTTask, find_task
 from ..episodes import Episode, EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
 from ..errors import ConfigError, EpisodeError, MethodError, PluginError
 from ..files import locked, read_cache, write_text_atomic
-from ..learning.models import changed_state, state_snapshot
+from ..learning.finetune import source_statistics
+from ..learning.models import changed_state, has_batchnorm, state_snapshot
 from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device, resolved_precision
 from ..methods import AdaptationRule, InitContext, Initialisation, Method, Sources
 from ..methods.base import plugin_errors, user_module
@@ -285,6 +286,9 @@ class Protocol:
             if self.dims not in m.init.dims:
                 raise MethodError(f"method {m.name} needs a {' or '.join(f'{d}D' for d in m.init.dims)} target; "
                                   f"{target} is {self.dims}D")
+            if m.rule.bn_mode == "sources" and not m.needs_sources:
+                raise MethodError(f"method {m.name}: bn=sources takes BatchNorm statistics from the sources an "
+                                  "initialisation trained on (mmpt, maml); use own, support or transductive")
         self.out = Path(out)
         self.pretrained = Path(pretrained) if pretrained is not None else self.out / "pretrained"
         self.source_dir = source_dir
@@ -348,7 +352,13 @@ class Protocol:
             seconds = (json.loads(log.read_text())["seconds"] if log.is_file()
                        else time.perf_counter() - start)
             self._backbones[folder] = (backbone, seconds)
-        return self._backbones[folder]
+        if method.rule.bn_mode != "sources":
+            return self._backbones[folder]
+        key = folder / "sources-statistics"  # computed once per initialisation, for every rule that asks
+        if key not in self._backbones:
+            backbone, seconds = self._backbones[folder]
+            self._backbones[key] = (source_statistics(backbone, self.source_data().train, self.config.seed), seconds)
+        return self._backbones[key]
 
     def run(self) -> dict[str, Any]:
         """Run every method (reusing cached results) and write results.json/csv, the plot and the table."""
@@ -401,6 +411,8 @@ class Protocol:
             return cached["result"]
         start = time.perf_counter()
         backbone, train_seconds = self.backbone(method, writer)
+        if method.rule.bn_mode is not None and not has_batchnorm(backbone) and distributed.is_main():
+            print(f"{method.name}: the backbone has no BatchNorm layers, so bn={method.rule.bn_mode} changes nothing")
         # Episodes scored before an interruption (same key) are kept: a killed run redoes at most a chunk.
         partial = cache.parent / "partial" / cache.name
         saved = distributed.broadcast(_read_partial(partial, key, target) if distributed.is_main() else {})
@@ -424,6 +436,7 @@ class Protocol:
             for e in per_episode:
                 writer.add_scalar(f"adapt/{_safe(method.name)}/auroc", e["auroc"], e["episode"])
         result = {"summary": summarise(per_episode), "per_episode": per_episode, "settings": method.settings(),
+                  "transductive": method.rule.transductive,
                   "seconds": {"train": train_seconds, "adapt": earlier + done - adapt_start,  # every run's
                               "total": earlier + done - start}}
         if distributed.is_main():

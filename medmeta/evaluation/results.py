@@ -71,7 +71,7 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], fieldnames: Sequenc
 
 
 SUMMARY_FIELDS = ("target", "method", "auroc", "auroc_ci95", "acc", "acc_ci95", "episodes", "episodes_auroc",
-                  "reference", "auroc_diff", "auroc_diff_ci95", "acc_diff", "acc_diff_ci95", "identical",
+                  "transductive", "reference", "auroc_diff", "auroc_diff_ci95", "acc_diff", "acc_diff_ci95", "identical",
                   "train_seconds", "adapt_seconds")
 
 
@@ -81,7 +81,7 @@ def summary_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     for name, m in results["methods"].items():
         paired = m.get("paired", {})
         row = {"target": results["target"], "method": name, **m["summary"],
-               "reference": paired.get("reference", ""),
+               "reference": paired.get("reference", ""), "transductive": bool(m.get("transductive")),
                "train_seconds": m["seconds"]["train"], "adapt_seconds": m["seconds"]["adapt"]}
         for metric in METRICS:
             if metric in paired:
@@ -141,19 +141,24 @@ def format_table(results: Mapping[str, Any]) -> str:
     """A plain-text table: AUROC and accuracy with 95% intervals, and the paired per-episode
     difference to the reference method (``identical`` when every episode's value is equal)."""
     reference = results.get("reference", "")
-    width = max([len("method"), *map(len, results["methods"])]) + 2
+    width = max([len("method"), *map(len, results["methods"])]) + 3
     lines = [f"target {results['target']} ({results['config']['size']}px), sources: {', '.join(results['sources']) or '-'}",
              f"{'method':<{width}}{'AUROC':>16}{'ACC':>16}{'ΔAUROC (paired)':>18}{'ΔACC (paired)':>18}"
              f"{'episodes':>10}{'seconds':>9}"]
+    transductive = [name for name, m in results["methods"].items() if m.get("transductive")]
     for name, m in results["methods"].items():
         s, paired = m["summary"], m.get("paired")
+        label = f"{name}*" if name in transductive else name
         count = str(s["episodes"]) if s["episodes_auroc"] == s["episodes"] else f"{s['episodes_auroc']}/{s['episodes']}"
         d_auroc = _difference(paired, "auroc") if paired else "reference" if name == reference else "-"
         d_acc = _difference(paired, "acc") if paired else "" if name == reference else "-"
-        lines.append(f"{name:<{width}}{s['auroc']:>9.3f} ± {s['auroc_ci95']:.3f}{s['acc']:>9.3f} ± {s['acc_ci95']:.3f}"
+        lines.append(f"{label:<{width}}{s['auroc']:>9.3f} ± {s['auroc_ci95']:.3f}{s['acc']:>9.3f} ± {s['acc_ci95']:.3f}"
                      f"{d_auroc:>18}{d_acc:>18}{count:>10}{m['seconds']['total']:>9.0f}")
     lines.append(f"Δ: mean per-episode difference to {reference} with its 95% interval"
                  + ("" if reference in results["methods"] else " (not run: no differences)"))
+    if transductive:
+        lines.append("* transductive: a query image's score depends on the other query images (BatchNorm statistics "
+                     "of the query)")
     if any(m["summary"]["episodes_auroc"] != m["summary"]["episodes"] for m in results["methods"].values()):
         lines.append("episodes a/b: a of the b episodes have a defined AUROC (the others are left out of its mean)")
     return "\n".join(lines)

@@ -18,11 +18,16 @@ the query is then predicted in eval mode with those updated running statistics. 
 predictions are therefore inductive: a query image's logits do not depend on the other query
 images.
 
-``frozen_features``: the backbone's weights are frozen; its BatchNorm running statistics are
-first re-estimated on the support set (``models.reestimate_batchnorm``), because a pretrained
-backbone's own statistics belong to its pretraining data (for mm-PT, mostly to the source task
-trained last); mm-PT's validation uses the same rule, per source task. Features of support
-and query are then computed in eval mode.
+``frozen_features``: the backbone's weights are frozen and its BatchNorm statistics are taken
+as ``bn`` says (``BNMode``): ``own``, its running statistics (eval mode, untouched); ``support``,
+re-estimated on the episode's support set (``models.reestimate_batchnorm``); ``transductive``,
+on support and query together (the query's statistics are used: transductive, labelled so in
+results); ``sources``, the running statistics ``source_statistics`` recomputed once on a balanced
+sample of the sources' training images (the protocol hands over that backbone; the features are
+then read as with ``own``). Which to use is an empirical question: a pretrained backbone's own
+statistics fit its features, but mm-PT's follow the source task it trained last, and a random
+backbone's mean nothing; 10 support images give each channel 10 numbers at 28px's 1x1 maps.
+The rules resolve ``bn="auto"`` per initialisation kind (``methods.rules.DEFAULT_BN``).
 
 Heads: ``nn.Linear``'s default initialisation (weight kaiming-uniform with a=sqrt(5), i.e.
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias the same bound), drawn from a ``torch.Generator``
@@ -32,12 +37,17 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Literal
+
+import numpy as np
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from ..data.tasks import MedMNISTTask
 from ..episodes import Episode
 from .models import reestimate_batchnorm, train_mode
 
@@ -98,16 +108,46 @@ class WorkingCopy:
         return self.net.train()
 
 
-@torch.no_grad()
-def frozen_features(net: nn.Module, episode: Episode) -> tuple[Tensor, Tensor]:
-    """Support and query features with BatchNorm re-estimated on the support set (eval mode).
+BNMode = Literal["own", "support", "transductive", "sources"]
+"""Where frozen features take their BatchNorm statistics from (see the module docstring)."""
+SOURCE_STATISTICS_BATCHES = 8
+"""Batches of (up to) ``SOURCE_STATISTICS_BATCH`` training images per source that ``source_statistics`` reads."""
+SOURCE_STATISTICS_BATCH = 64
 
-    ``net`` is changed in place (its running statistics): pass a copy.
-    """
+
+@torch.no_grad()
+def frozen_features(net: nn.Module, episode: Episode, bn: BNMode) -> tuple[Tensor, Tensor]:
+    """Support and query features in eval mode, with BatchNorm statistics taken as ``bn`` says
+    (see the module docstring). ``net`` is changed in place (its running statistics): pass a copy."""
     sx, _, qx = _on(episode, device_dtype(net)[0])
-    reestimate_batchnorm(net, [sx])
+    if bn == "support":
+        reestimate_batchnorm(net, [sx])
+    elif bn == "transductive":
+        reestimate_batchnorm(net, [torch.cat([sx, qx])])
     net.eval()
     return net(sx), net(qx)
+
+
+def source_statistics(backbone: nn.Module, train: Mapping[str, MedMNISTTask], seed: int) -> nn.Module:
+    """A copy of ``backbone`` whose BatchNorm running statistics are those of a balanced sample of
+    the sources' training images: ``SOURCE_STATISTICS_BATCHES`` batches of up to
+    ``SOURCE_STATISTICS_BATCH`` images from each source, every batch's statistics weighted alike,
+    so each source counts the same whatever its size (mm-PT's own statistics follow the task it
+    trained last). The sample is drawn from ``seed`` and each task's name."""
+    net = copy.deepcopy(backbone)
+    device = device_dtype(net)[0]
+
+    def batches() -> Iterator[Tensor]:
+        for task_id in sorted(train):
+            ds = train[task_id]
+            rng = np.random.default_rng([seed, zlib.crc32(task_id.encode())])
+            order = rng.permutation(len(ds))[:SOURCE_STATISTICS_BATCHES * SOURCE_STATISTICS_BATCH]
+            for part in np.array_split(order, SOURCE_STATISTICS_BATCHES):  # as many batches from each source
+                if len(part) > 1:
+                    yield ds.get_batch(np.sort(part), device)[0]
+
+    reestimate_batchnorm(net, batches())
+    return net.eval()
 
 
 def fine_tune(work: WorkingCopy, episode: Episode, steps: int, lr: float, seed: int,

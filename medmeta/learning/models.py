@@ -448,6 +448,11 @@ def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+def has_batchnorm(module: nn.Module) -> bool:
+    """Whether ``module`` has BatchNorm layers with running statistics (a ViT's LayerNorms have none)."""
+    return bool(_batchnorms(module))
+
+
 @contextmanager
 def train_mode(module: nn.Module, training: bool) -> Iterator[None]:
     """Put ``module`` (every submodule) in train or eval mode for a block, then restore each one's mode."""

@@ -75,6 +75,9 @@ class Initialisation(ABC):
 
     name: ClassVar[str] = ""
     needs_sources: ClassVar[bool] = False
+    random_weights: ClassVar[bool] = False
+    """True for a randomly initialised backbone, whose BatchNorm running statistics mean nothing
+    (rules choose their default ``bn`` by it)."""
     dims: ClassVar[tuple[int, ...]] = (2, 3)
     """Image dimensionalities this initialisation supports."""
 
@@ -100,6 +103,23 @@ class AdaptationRule(ABC):
         """Scores for several episodes; override to batch them (e.g. ``vmap`` on a GPU)."""
         return [self.predict(backbone, e, s) for e, s in zip(episodes, seeds)]
 
+    def for_initialisation(self, init: Initialisation) -> AdaptationRule:
+        """The rule as it runs after ``init`` (a frozen-feature rule resolves ``bn="auto"`` by the kind
+        of initialisation); itself by default. ``Method`` calls it, so one rule object can serve
+        several methods."""
+        return self
+
+    @property
+    def bn_mode(self) -> str | None:
+        """Where the rule's frozen features take BatchNorm statistics from (``BNMode``); None for a
+        rule that reads no frozen features."""
+        return None
+
+    @property
+    def transductive(self) -> bool:
+        """Whether a query image's score depends on the other query images (results say so)."""
+        return self.bn_mode == "transductive"
+
     def settings(self) -> dict[str, Any]:
         return {"name": self.name or type(self).__qualname__, **_settings(self)}
 
@@ -108,7 +128,7 @@ class Method:
     """An initialisation and an adaptation rule, under one name (``init+rule`` by default)."""
 
     def __init__(self, init: Initialisation, rule: AdaptationRule, name: str | None = None) -> None:
-        self.init, self.rule = init, rule
+        self.init, self.rule = init, rule.for_initialisation(init)
         self.name = name or f"{init.settings()['name']}+{rule.settings()['name']}"
 
     @property

@@ -47,6 +47,7 @@ class Scratch(Settings, Initialisation):
     """Random initialisation."""
 
     name: ClassVar[str] = "scratch"
+    random_weights: ClassVar[bool] = True
 
     def backbone(self, context: InitContext) -> nn.Module:
         return random_backbone(context)

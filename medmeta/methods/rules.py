@@ -23,12 +23,15 @@ inner        MAML's test-time rule: SGD from a zero head with BatchNorm in train
              (transductive); the ``maml`` method's rule, usable on any initialisation.
 ============ ======================================================================================
 
-Frozen-feature rules (linear, knn, proto, and lpft's probe) re-estimate the backbone's
-BatchNorm statistics on the support set first (``learning.finetune.frozen_features``).
+Frozen-feature rules (linear, knn, proto, and lpft's probe) take the backbone's BatchNorm
+statistics as their ``bn`` setting says (``learning.finetune.frozen_features``): ``own``,
+``support``, ``transductive`` or ``sources``; ``auto`` (the default) is ``DEFAULT_BN`` for the
+kind of initialisation, random or trained.
 k-NN's vote shares become logits with ``TaskType.logits_from_probabilities``.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -38,12 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..episodes import Episode
-from ..learning.finetune import HeadState, WorkingCopy, fine_tune, fine_tune_episodes, frozen_features
+from ..learning.finetune import BNMode, HeadState, WorkingCopy, fine_tune, fine_tune_episodes, frozen_features
 from ..learning.maml import MAMLConfig
 from ..learning.maml import adapt_and_predict as maml_adapt_and_predict
 from ..settings import Settings, setting
 from ..tasktype import TaskType
-from .base import AdaptationRule
+from .base import AdaptationRule, Initialisation
 
 Metric = Literal["euclidean", "cosine"]
 
@@ -66,12 +69,41 @@ class FineTune(Settings, AdaptationRule):
         return fine_tune_episodes(backbone, episodes, self.steps, self.lr, list(seeds), bf16=self.precision == "bf16")
 
 
+BNSetting = Literal["auto", "own", "support", "transductive", "sources"]
+DEFAULT_BN: dict[str, BNMode] = {"random": "support", "trained": "own"}
+"""What ``bn="auto"`` resolves to, by the kind of initialisation (``Initialisation.random_weights``):
+chosen by the bn-mode table in docs/results.md (every frozen-feature rule x mode x initialisation
+on the 2D targets here, paired on the same episodes)."""
+
+
+def default_bn(init: Initialisation) -> BNMode:
+    """The ``bn`` mode ``auto`` stands for after ``init``."""
+    return DEFAULT_BN["random" if init.random_weights else "trained"]
+
+
+@dataclass
 class FrozenFeatureRule(AdaptationRule):
     """A rule that reads frozen features: override ``scores(support_features, support_y,
-    query_features, episode)``; the backbone's BatchNorm statistics come from the support set."""
+    query_features, episode)``. ``bn`` says where the backbone's BatchNorm statistics come from
+    (``learning.finetune.frozen_features``); ``auto`` is ``DEFAULT_BN`` for the initialisation."""
+
+    bn: BNSetting = "auto"
 
     def scores(self, support: Tensor, support_y: Tensor, query: Tensor, episode: Episode) -> Tensor:
         raise NotImplementedError
+
+    def for_initialisation(self, init: Initialisation) -> FrozenFeatureRule:
+        if self.bn != "auto":
+            return self
+        rule = copy.copy(self)
+        rule.bn = default_bn(init)
+        return rule
+
+    @property
+    def bn_mode(self) -> BNMode:
+        if self.bn == "auto":
+            raise ValueError(f"{type(self).__name__}: bn='auto' is resolved by for_initialisation (Method does it)")
+        return self.bn
 
     def predict(self, backbone: nn.Module, episode: Episode, seed: int) -> Tensor:
         return self.predict_many(backbone, [episode], [seed])[0]
@@ -80,7 +112,7 @@ class FrozenFeatureRule(AdaptationRule):
         work = WorkingCopy(backbone)
         out = []
         for episode in episodes:
-            support, query = frozen_features(work.reset(), episode)
+            support, query = frozen_features(work.reset(), episode, self.bn_mode)
             out.append(self.scores(support, episode.support_y.to(support.device), query, episode))
         return out
 
@@ -232,6 +264,14 @@ class LPFT(Settings, AdaptationRule):
     probe: LinearProbe = field(default_factory=LinearProbe)
     finetune: FineTune = field(default_factory=FineTune)
 
+    def for_initialisation(self, init: Initialisation) -> LPFT:
+        probe = self.probe.for_initialisation(init)
+        return self if probe is self.probe else self.replace(probe=probe)
+
+    @property
+    def bn_mode(self) -> BNMode:
+        return self.probe.bn_mode
+
     def predict(self, backbone: nn.Module, episode: Episode, seed: int) -> Tensor:
         return self.predict_many(backbone, [episode], [seed])[0]
 
@@ -239,7 +279,7 @@ class LPFT(Settings, AdaptationRule):
         work = WorkingCopy(backbone)
         out = []
         for episode, seed in zip(episodes, seeds):
-            support, _ = frozen_features(work.reset(), episode)
+            support, _ = frozen_features(work.reset(), episode, self.bn_mode)
             head = self.probe.head(support, episode.support_y.to(support.device), episode)
             out.append(fine_tune(work, episode, self.finetune.steps, self.finetune.lr, seed, head=head,
                                  bf16=self.finetune.precision == "bf16"))
@@ -254,6 +294,10 @@ class MAMLInner(Settings, AdaptationRule):
     steps: int = setting(MAMLConfig.test_steps, min=1)
     lr: float = setting(MAMLConfig.inner_lr, above=0)
     bn_train: bool = MAMLConfig.bn_train
+
+    @property
+    def transductive(self) -> bool:
+        return self.bn_train
 
     def predict(self, backbone: nn.Module, episode: Episode, seed: int) -> Tensor:
         return maml_adapt_and_predict(backbone, episode, self.steps, self.lr, self.bn_train)
