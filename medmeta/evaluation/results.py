@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ..files import atomic_path, write_text_atomic
 from .metrics import mean_ci, paired_difference
+from .plots import forest_figure, save
 
 PACKAGES = ("medmeta", "torch", "torchvision", "numpy", "h5py", "scikit-learn", "pyyaml")
 
@@ -105,29 +106,8 @@ def write_results(out: Path, results: Mapping[str, Any]) -> None:
 
 
 def plot_results(out: Path, results: Mapping[str, Any]) -> Path:
-    """Per-method mean query AUROC with 95% intervals, as ``results.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results["methods"])
-    means = [results["methods"][n]["summary"]["auroc"] for n in names]
-    cis = [results["methods"][n]["summary"]["auroc_ci95"] for n in names]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(names), 3.6))
-    ax.bar(names, means, yerr=cis, capsize=6, color="#4c72b0")
-    ax.axhline(0.5, color="grey", lw=1, ls="--", label="chance")
-    ax.set_ylim(0.0, 1.0)
-    ax.set_ylabel("query AUROC (mean, 95% CI)")
-    shots, episodes = results["config"]["episodes"]["shots"], results["episode_set"]["count"]
-    ax.set_title(f"{results['target']} {shots}-shot, {episodes} episodes", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = out / "results.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    """Each method's paired difference to the reference with its interval (``plots.forest_figure``), as ``results.png``."""
+    return save(forest_figure(results), out / "results.png")
 
 
 def _difference(paired: Mapping[str, Any], metric: str) -> str:

@@ -36,6 +36,7 @@ from ..files import atomic_path, read_cache, write_text_atomic
 from ..settings import from_mapping, repeated
 from .config import ExperimentConfig, build_method, resolve_reference
 from .protocol import Protocol
+from .plots import save, sweep_figure
 from .results import METRICS, package_versions, write_csv
 
 Launcher = Literal["local", "slurm", "submitit-local"]
@@ -326,43 +327,6 @@ def write_table(out: Path, combined: dict[str, Any]) -> None:
     plot_table(out / "table.png", combined)
 
 
-def plot_table(path: Path, combined: dict[str, Any]) -> None:
-    """Heatmap: targets x methods, coloured by the paired AUROC difference to each target's
-    reference, annotated with each cell's AUROC and difference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = combined["table"]
-    targets = list(dict.fromkeys(r["target"] for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    by = {(r["target"], r["method"]): r for r in rows}
-    diff = np.full((len(targets), len(methods)), np.nan)
-    for i, t in enumerate(targets):
-        for j, m in enumerate(methods):
-            if (t, m) in by:
-                diff[i, j] = by[t, m].get("auroc_diff", 0.0)
-    limit = max(0.05, float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.05)
-    fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(methods), 1.2 + 0.7 * len(targets)))
-    image = ax.imshow(diff, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-    for i, t in enumerate(targets):
-        for j, m in enumerate(methods):
-            r = by.get((t, m))
-            if r is None:
-                ax.text(j, i, "-", ha="center", va="center", fontsize=8)
-                continue
-            d = "ref" if m == r["reference"] else (
-                "same" if r.get("auroc_identical") else f"{r.get('auroc_diff', 0):+.3f}±{r.get('auroc_diff_ci95', 0):.3f}")
-            strong = abs(diff[i, j]) > 0.6 * limit  # white text on the darkest cells
-            ax.text(j, i, f"{r['auroc']:.3f}\n{d}", ha="center", va="center", fontsize=7,
-                    color="white" if strong else "black")
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(targets)), targets, fontsize=8)
-    fig.colorbar(image, ax=ax, label=f"Δ query AUROC vs {combined['reference']} (paired)")
-    ax.set_title(f"{combined['shots']}-shot leave-one-out: query AUROC (cell) and paired difference (colour)",
-                 fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+def plot_table(path: Path, combined: dict[str, Any]) -> Path:
+    """One panel per target of each method's paired AUROC difference (``plots.sweep_figure``)."""
+    return save(sweep_figure(combined), path)
