@@ -58,6 +58,6 @@ def test_the_episode_benchmark_summarises_its_saved_runs(tmp_path: Path) -> None
         episodes.summarise(tmp_path / "missing.txt")
 
 
-def test_the_readme_episode_table_is_the_summary_of_the_saved_runs() -> None:
+def test_the_docs_episode_table_is_the_summary_of_the_saved_runs() -> None:
     table = episodes.summarise(REPO / "docs" / "results" / "benchmarks" / "episodes.txt")
-    assert table in (REPO / "README.md").read_text()
+    assert table in (REPO / "docs" / "benchmarks.md").read_text()
