@@ -8,7 +8,7 @@ adapts each method to the same stored 5-shot episodes of the target, and writes
 results.json, results.csv, summary.csv, results.png and TensorBoard logs under --out. With
 several targets (--target all, or a comma list) or seeds, one job per (target, seed) runs here
 (--launcher local) or on SLURM (--launcher slurm) and table.{json,csv,md,png} combines them.
-Methods: built-in names (scratch, imagenet, checkpoint, mmpt, maml), init+rule pairs
+Methods: built-in names (scratch, pretrained, imagenet, checkpoint, mmpt, maml), init+rule pairs
 (mmpt+linear, scratch+knn, ...) or package.module:ClassName for your own.
 """
 from __future__ import annotations
@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--episodes-file", help="a stored episode set to evaluate on (its settings are used)")
     parser.add_argument("--size", type=int, help="image size (28, 64, 128, 224)")
     parser.add_argument("--seed", type=int, help="seed of a single run (pretraining, heads; the episodes have their own)")
-    parser.add_argument("--weights", help="local ImageNet weights file for the imagenet initialisation")
+    parser.add_argument("--weights", help="a local weights file for the pretrained initialisation (any --set "
+                                          "model.arch: timm or torchvision state dict, .pth or .safetensors)")
     parser.add_argument("--checkpoint", help="a backbone state dict for the checkpoint initialisation")
     parser.add_argument("--config", help="YAML profile: a path or a name under experiments/configs/ (paper, smoke)")
     parser.add_argument("--device", help="auto, cpu or cuda")
@@ -97,7 +98,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     one_target = args.target if args.target and "," not in args.target and args.target != "all" else None
     return nested({"target": one_target, "methods": args.methods, "reference": args.reference, "sources": sources,
                    "episodes.shots": args.shots, "episodes.count": args.episodes, "episodes.file": args.episodes_file,
-                   "size": args.size, "seed": args.seed, "model.imagenet_weights": args.weights,
+                   "size": args.size, "seed": args.seed, "model.weights": args.weights,
                    "checkpoint": args.checkpoint, "device": args.device, "slurm.partition": args.partition,
                    "slurm.gpus_per_node": args.gpus, "slurm.timeout_min": args.time, "slurm.mem_gb": args.mem})
 

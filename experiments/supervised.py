@@ -8,6 +8,8 @@ a scikit-learn model search on flattened pixels (2D); end-to-end 2.5D, 3D and AC
 the pixel search (3D). Writes baselines.json, baselines.csv, baselines.md and per-run folders
 (result, checkpoint, TensorBoard) under --out; rerunning reuses finished runs and resumes
 training. Profiles: the defaults are MedMNIST v2's recipe; --config supervised_plus is MedMNIST+'s.
+--arch takes any backbone (resnet18, alexnet, timm names such as vit_base_patch16_224.dino), several
+at once (one table with an arch column); --init pretrained starts from its published weights.
 --combine joins the tables of several such runs (other subsets, sizes or budgets) into one:
 
     python experiments/supervised.py --combine runs/supervised runs/supervised_3d --out runs/supervised_all
@@ -22,8 +24,8 @@ from typing import get_args
 
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
-from medmeta.errors import MedmetaError
-from medmeta.evaluation.baselines import BaselineConfig, Baselines, Resize, combine_folders
+from medmeta.errors import ConfigError, MedmetaError
+from medmeta.evaluation.baselines import BaselineConfig, Baselines, Init, Resize, combine_folders
 from medmeta.learning.runtime import configure_threads
 from medmeta.settings import comma_list, load_settings, nested, seed_list
 
@@ -41,7 +43,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--input-size", type=int, help="feed images to the network at this size (MedMNIST+: 224)")
     parser.add_argument("--resize", choices=get_args(Resize), help="how: zero-padding (MedMNIST+'s code) or bilinear")
     parser.add_argument("--epochs", type=int, help="training epochs (config key train.epochs)")
-    parser.add_argument("--weights", help="local ImageNet weights (end-to-end start and frozen features)")
+    parser.add_argument("--arch", type=comma_list, help="backbones (comma list): resnet18, resnet50, alexnet or timm "
+                                                        "names; several: one table with an arch column (model.arch)")
+    parser.add_argument("--init", choices=get_args(Init), help="scratch (random; MedMNIST v2) or pretrained (the "
+                                                              "architecture's published weights; MedMNIST+)")
+    parser.add_argument("--weights", help="a local weights file for --init pretrained (one --arch)")
     parser.add_argument("--config", help="YAML profile: a path or a name under experiments/configs/ (supervised_plus)")
     parser.add_argument("--device", help="auto, cpu or cuda")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this run")
@@ -55,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     overrides = nested({"datasets": args.dataset, "seeds": args.seeds, "schemes": args.schemes, "convs": args.convs,
                         "size": args.size, "input_size": args.input_size, "resize": args.resize,
-                        "train.epochs": args.epochs, "model.imagenet_weights": args.weights, "device": args.device})
+                        "train.epochs": args.epochs, "model.weights": args.weights, "device": args.device,
+                        "init": args.init})
     if args.combine:
         if args.out is None:
             parser.error("--combine needs --out, the folder of the combined table")
@@ -68,13 +75,23 @@ def main(argv: list[str] | None = None) -> dict | None:
             sys.exit(2)
     try:
         warning = configure_threads(args.threads)
-        config = load_settings(BaselineConfig, args.config, CONFIGS, overrides, args.set)
-        baselines = Baselines(config, Path(args.out or "runs/supervised"), root=args.root,
-                              source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV),
-                              manifest=load_manifest(args.manifest), published=CONFIGS / "published_baselines.yaml")
+        archs = args.arch or [None]
+        if args.weights and len(archs) > 1:
+            raise ConfigError("--weights is one architecture's file: give one --arch with it")
+        out = Path(args.out or "runs/supervised")
+        runs = []  # one Baselines per architecture, each checked before any runs
+        for arch in archs:
+            sets = [*args.set, *([f"model.arch={arch}"] if arch else [])]
+            config = load_settings(BaselineConfig, args.config, CONFIGS, overrides, sets)
+            runs.append(Baselines(config, out / arch if len(archs) > 1 else out, root=args.root,
+                                  source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV),
+                                  manifest=load_manifest(args.manifest), published=CONFIGS / "published_baselines.yaml"))
         if warning:
             print(warning, file=sys.stderr)
-        return baselines.run()
+        results = [b.run() for b in runs]
+        if len(runs) == 1:
+            return results[0]
+        return combine_folders([b.out for b in runs], out, CONFIGS / "published_baselines.yaml")
     except MedmetaError as exc:
         print(f"supervised: error: {exc}", file=sys.stderr)
         sys.exit(2)

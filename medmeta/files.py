@@ -15,6 +15,8 @@ Every file medmeta writes (store files, episode sets, checkpoints, results) goes
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import json
 import os
 import re
@@ -143,6 +145,23 @@ def read_cache(path: str | Path, otherwise: str) -> Any | None:
     except (OSError, ValueError) as exc:
         warnings.warn(f"{path} is not readable JSON ({exc}); {otherwise}", stacklevel=2)
         return None
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's content (read once per size and modification time in this process):
+    what caches key a weights file by, so a file replaced in place, or copied elsewhere, is told
+    apart by what it holds."""
+    st = Path(path).stat()
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(2**22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def torch_bytes(obj: Any) -> int:

@@ -51,7 +51,7 @@ def test_every_scheme_and_convolution_and_the_table(store: Store, synthetic: Syn
         assert row["seeds"] == 2 and 0 <= row["test_auroc"] <= 1 and row["test_auroc_std"] >= 0
     runs = [r for r in combined["runs"] if r["dataset"] == "toyclass" and r["scheme"] == "end2end"]
     assert np.mean([r["test_auroc"] for r in runs]) == pytest.approx(combined["table"][0]["test_auroc"])
-    assert (tmp_path / "out" / "baselines.md").read_text().startswith("| dataset | size | scheme | epochs (batch) |")
+    assert (tmp_path / "out" / "baselines.md").read_text().startswith("| dataset | size | arch (init) | scheme | epochs (batch) |")
     assert {(r["size"], r["epochs"], r["batch_size"]) for r in combined["table"] if r["scheme"].startswith("end2end")} == {
         (28, 2, 16)}
     assert {(r["epochs"], r["batch_size"]) for r in combined["table"] if not r["scheme"].startswith("end2end")} == {
@@ -218,7 +218,7 @@ def test_medmnist_plus_padding_is_zero_after_normalisation() -> None:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     assert torch.equal(padded[:, :98, :], mean.expand(3, 98, 224))
     net = build_backbone(stem="imagenet")
-    normalised = (padded.unsqueeze(0) - net.mean) / net.std  # what the backbone does first
+    normalised = (padded.unsqueeze(0) - net.adapter.mean) / net.adapter.std  # what the backbone does first
     assert normalised[0, :, :98, :].abs().max() < 1e-6
     assert ResizeTo(56)(grey).shape == (1, 56, 56)
     with pytest.raises(ValueError, match="cannot pad a 28x28 image to 14"):
@@ -271,7 +271,7 @@ def test_tables_of_runs_at_other_sizes_and_budgets_combine_into_one(store: Store
     with pytest.raises(ConfigError, match="--combine .*s999: no readable baselines.json"):
         combine_folders([tmp_path / "s999"], tmp_path / "none")
     shutil.copytree(tmp_path / "s28", tmp_path / "s28b")  # e.g. another recipe's run: never averaged together
-    with pytest.raises(ConfigError, match="s28b: toyclass end2end at 28px with the same budget is also in an earlier"):
+    with pytest.raises(ConfigError, match=r"s28b: toyclass end2end at 28px with the same budget and architecture \(resnet18, scratch\) is also"):
         combine_folders([tmp_path / "s28", tmp_path / "s28b"], tmp_path / "none")
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "baselines.json").write_text('{"runs": [')  # truncated by a copy

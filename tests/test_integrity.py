@@ -201,7 +201,7 @@ def test_help_lists_the_initialisations_and_rules(capsys) -> None:
     with pytest.raises(SystemExit):
         cdfsl.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "initialisations scratch, imagenet, checkpoint, mmpt, maml" in text
+    assert "initialisations scratch, pretrained, imagenet, checkpoint, mmpt, maml" in text
     assert "rules finetune, linear, knn, proto, lpft, inner" in text
 
 

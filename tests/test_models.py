@@ -108,11 +108,12 @@ def test_wrong_input_channels_raise():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"arch": "resnet34"}, "arch"),
+        ({"arch": "resnet_nonsense"}, "unknown architecture"),
         ({"dims": 3, "conv3d": "4d"}, "conv3d"),
         ({"dims": 1}, "dims"),
         ({"stem": "tiny"}, "stem"),
-        ({"dims": 3, "weights": "imagenet"}, "ImageNet"),
+        ({"dims": 3, "weights": "imagenet"}, "no published weights for 3D"),
+        ({"dims": 3, "arch": "test_vit"}, "test_vit is a 2D architecture"),
     ],
 )
 def test_invalid_arguments(kwargs, match):
@@ -181,10 +182,10 @@ def test_imagenet_download_failure_is_explained(monkeypatch):
     with pytest.raises(MethodError, match="could not be downloaded") as info:
         build_backbone("resnet18", weights="imagenet")
     msg = str(info.value)
-    assert "resnet18-f37072fd.pth" in msg and "--weights" in msg and "weights=None" in msg
+    assert "resnet18-f37072fd.pth" in msg and "--weights" in msg and "start from scratch" in msg
 
 
-def test_imagenet_weights_are_loaded(monkeypatch):
+def test_weights_are_loaded(monkeypatch):
     torch.manual_seed(4)
     ref = torchvision.models.resnet18().state_dict()
     urls = []

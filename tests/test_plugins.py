@@ -33,7 +33,7 @@ def test_every_initialisation_and_rule_on_every_task_type(synthetic: Synthetic, 
     torch.save(torchvision.models.resnet18().state_dict(), weights)
     methods = [f"{i}+{r}" for i in INITS for r in RULES]
     cfg = tiny_config(target=target, methods=methods, reference="scratch+finetune", checkpoint=str(weights),
-                      **{"model.imagenet_weights": str(weights), "episodes.count": 2, "episodes.shots": 2,
+                      **{"model.weights": str(weights), "episodes.count": 2, "episodes.shots": 2,
                          "episodes.queries": 2, "episodes.min_class_samples": None})
     results = run_protocol(cfg, tmp_path / "out", root=tmp_path / "root", source_dir=str(synthetic.source_dir),
                            manifest=synthetic.manifest)

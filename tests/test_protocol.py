@@ -143,7 +143,7 @@ def test_imagenet_method_local_weights_and_offline_error(tmp_path: Path, real_st
 
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    cfg = tiny_config(target="breast", methods=["imagenet"], **{"model.imagenet_weights": str(weights)})
+    cfg = tiny_config(target="breast", methods=["imagenet"], **{"model.weights": str(weights)})
     results = run_protocol(cfg, tmp_path / "local", root=str(real_store.root), source_dir=str(real_dir))
     assert results["methods"]["imagenet"]["summary"]["episodes"] == 3
 

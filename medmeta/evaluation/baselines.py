@@ -8,10 +8,11 @@ Per dataset and seed, each scheme trains on the train split, selects on val and 
   uniform votes, as their released code), ``pixels`` (``learning.pixels``, the auto-sklearn stand-in);
 * 3D: ``end2end`` with each of ``convs`` (2.5D, 3D, ACS; ``learning.models.ResNet3d``) and ``pixels``.
 
-Frozen features come from the initialisation's backbone (ImageNet weights when
-``model.imagenet_weights`` names a file, else random: offline machines have no ImageNet
-weights, which MedMNIST+'s linear probe and k-NN assume), with BatchNorm statistics
-re-estimated on training batches, as every frozen-feature rule here does.
+The backbone is any of ``models.build_backbone``'s (``model.arch``: medmeta's ResNets,
+torchvision's AlexNet, any timm model), started from ``init``: ``scratch`` (random; MedMNIST
+v2's recipe) or ``pretrained`` (the architecture's published weights, or ``model.weights``, a
+local file; MedMNIST+'s recipe). Frozen features have their BatchNorm statistics re-estimated
+on training batches (a whole training split, not a 5-shot support).
 
 ``input_size`` feeds small images to a larger network input as MedMNIST+ does (``pad``: zero
 padding after normalisation; ``bilinear``: resizing). Each run is cached under
@@ -38,8 +39,9 @@ from ..data.tasks import MedMNISTTask
 from ..data.transforms import PadTo, ResizeTo
 from ..episodes import Episode
 from ..errors import ConfigError
-from ..files import read_cache, write_text_atomic
-from ..learning.models import Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
+from ..files import file_digest, read_cache, write_text_atomic
+from ..learning.backbones import PRETRAINED
+from ..learning.models import ARCHS, Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
 from ..learning.pixels import pixel_baseline, unfit_candidates
 from ..learning.runtime import predict, resolve_device, resolved_precision
 from ..learning.supervised import SupervisedConfig, epoch_batches, train_supervised
@@ -49,6 +51,8 @@ from .protocol import stable_hash
 from .results import package_versions, write_csv
 
 Scheme = Literal["end2end", "linear", "knn", "pixels"]
+Init = Literal["scratch", "pretrained"]
+"""Where a supervised backbone starts: random (MedMNIST v2) or published weights (MedMNIST+)."""
 Resize = Literal["pad", "bilinear"]
 """How small images reach a larger network input: zero-padding (MedMNIST+'s code) or bilinear resizing."""
 
@@ -65,6 +69,8 @@ class BaselineConfig(Settings):
     convs: list[Conv3dKind] = field(default_factory=lambda: ["2.5d", "3d", "acs"])
     """3D subsets: the convolutions of the end-to-end ResNets."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    init: Init = "scratch"
+    """Where the backbone starts: random, or the architecture's published weights (``model.weights``: a file)."""
     input_size: int | None = setting(None, min=28)
     resize: Resize = "pad"
     train: SupervisedConfig = field(default_factory=SupervisedConfig)
@@ -81,6 +87,9 @@ class BaselineConfig(Settings):
         twice = repeated(self.seeds)
         if twice is not None:  # copies of one run would pass for agreeing seeds (sd 0)
             raise ConfigError(f"config key seeds: seeds must be distinct; {twice} is given twice in {self.seeds}")
+        if self.model.weights and self.init != "pretrained":
+            raise ConfigError(f"config key model.weights: {self.model.weights!r} are pretrained weights, but init is "
+                              f"{self.init}: add --init pretrained, or leave the weights out")
 
 
 def _published(path: Path) -> dict[str, Any]:
@@ -116,6 +125,9 @@ class Baselines:
         self.datasets = [self.store.manifest.resolve(n) for n in names]
         for name in self.datasets:
             self.store.manifest[name].file(config.size)
+            if self.store.manifest[name].dims == 3 and (config.init == "pretrained" or config.model.arch not in ARCHS):
+                raise ConfigError(f"{name} is 3D: it takes resnet18 or resnet50 from scratch (2.5D, 3D or ACS "
+                                  f"convolutions), not {config.model.arch} with init {config.init}")
         if config.input_size is not None and config.input_size < config.size and config.resize == "pad":
             raise ConfigError(f"config key input_size: cannot pad {config.size}px images to {config.input_size}; "
                               "give a larger input_size or resize: bilinear")
@@ -139,7 +151,8 @@ class Baselines:
             for scheme, conv in runs_for(c, dims):
                 budget = {"epochs": c.train.epochs, "batch_size": c.train.batch_size} if scheme == "end2end" else {}
                 for seed in c.seeds:
-                    rows.append({**self.run_one(name, scheme, conv, seed), "size": c.size, **budget})
+                    rows.append({**self.run_one(name, scheme, conv, seed), "size": c.size, "arch": c.model.arch,
+                                 "init": c.init, **budget})
         combined = {"config": c.to_dict(), "versions": package_versions(), "device": str(self.device),
                     "runs": rows, "table": combine(rows, self.published)}
         write_tables(self.out, combined)
@@ -156,6 +169,8 @@ class Baselines:
         folder = self.out / self.store.manifest[name].short_name / _label(scheme, conv) / f"seed{seed}"
         parts = {"scheme": scheme, "conv": conv, "seed": seed, "size": c.size, "model": c.model.to_dict(),
                  "input_size": c.input_size, "resize": c.resize,
+                 **({"init": c.init, "weights": file_digest(c.model.weights) if c.model.weights else None}
+                    if c.init != "scratch" else {}),
                  **({"train": c.train.to_dict()} if scheme == "end2end" else {}),
                  **({"rule": getattr(c, scheme).to_dict(), "bn_batches": c.bn_batches} if scheme in ("linear", "knn")
                     else {})}
@@ -189,7 +204,8 @@ class Baselines:
         """A freshly seeded backbone for ``dims`` (and the 3D convolution kind)."""
         torch.manual_seed(seed)
         m = self.config.model
-        return build_backbone(m.arch, dims=dims, stem=m.stem, weights=m.imagenet_weights, conv3d=conv or "3d")
+        weights = (m.weights or PRETRAINED) if self.config.init == "pretrained" else None
+        return build_backbone(m.arch, dims=dims, stem=m.stem, weights=weights, conv3d=conv or "3d", input=m.input)
 
     def end2end(self, name: str, conv: str | None, seed: int, folder: Path) -> dict[str, Any]:
         """Train end-to-end (checkpointed in ``folder``), keep the best validation epoch, score the test split."""
@@ -257,8 +273,10 @@ def _fits_more_now(name: str, cached: Any, unfit: dict[str, str]) -> bool:
 
 
 def _group(run: dict[str, Any]) -> tuple:
-    """A table row's identity: dataset, size, scheme and training budget."""
-    return run["dataset"], run["size"], run["scheme"], run.get("epochs"), run.get("batch_size")
+    """A table row's identity: dataset, size, scheme, training budget, architecture and its start
+    (runs written before architectures were a choice were ResNet-18 from scratch)."""
+    return (run["dataset"], run["size"], run["scheme"], run.get("epochs"), run.get("batch_size"),
+            run.get("arch", ModelConfig.arch), run.get("init", "scratch"))
 
 
 def combine(rows: list[dict[str, Any]], published: dict[str, Any]) -> list[dict[str, Any]]:
@@ -268,14 +286,14 @@ def combine(rows: list[dict[str, Any]], published: dict[str, Any]) -> list[dict[
     for r in rows:
         groups.setdefault(_group(r), []).append(r)
     table = []
-    for (dataset, size, scheme, epochs, batch_size), rs in groups.items():
+    for (dataset, size, scheme, epochs, batch_size, arch, init), rs in groups.items():
         auc, acc = [r["test_auroc"] for r in rs], [r["test_acc"] for r in rs]
-        row = {"dataset": dataset, "size": size, "scheme": scheme, "epochs": epochs, "batch_size": batch_size,
-               "seeds": len(rs),
+        row = {"dataset": dataset, "size": size, "scheme": scheme, "arch": arch, "init": init, "epochs": epochs,
+               "batch_size": batch_size, "seeds": len(rs),
                "test_auroc": float(np.mean(auc)), "test_auroc_std": float(np.std(auc, ddof=1)) if len(rs) > 1 else 0.0,
                "test_acc": float(np.mean(acc)), "test_acc_std": float(np.std(acc, ddof=1)) if len(rs) > 1 else 0.0,
                "seconds": float(np.mean([r["seconds"] for r in rs]))}
-        at_28 = scheme == "end2end" and size == 28
+        at_28 = scheme == "end2end" and size == 28 and arch == "resnet18"
         v2 = published.get("medmnist_v2_resnet18_28", {}).get(dataset)
         plus = published.get("medmnist_plus_resnet18_end2end", {}).get(dataset, {})
         row["v2_resnet18_28_auroc_acc"] = "/".join(f"{x:.3f}" for x in v2) if v2 and at_28 else ""
@@ -286,12 +304,13 @@ def combine(rows: list[dict[str, Any]], published: dict[str, Any]) -> list[dict[
 
 def markdown(table: list[dict[str, Any]]) -> str:
     """The combined table in markdown, with the published figures beside ours."""
-    lines = ["| dataset | size | scheme | epochs (batch) | seeds | test AUROC | test ACC | "
+    lines = ["| dataset | size | arch (init) | scheme | epochs (batch) | seeds | test AUROC | test ACC | "
              "MedMNIST v2 ResNet-18 (28) AUC/ACC | MedMNIST+ ResNet-18 e2e (28) ACC/AUC x100 | s/run |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         budget = f"{r['epochs']} ({r['batch_size']})" if r["epochs"] is not None else "-"
-        lines.append(f"| {r['dataset']} | {r['size']} | {r['scheme']} | {budget} | {r['seeds']} "
+        lines.append(f"| {r['dataset']} | {r['size']} | {r['arch']} ({r['init']}) | {r['scheme']} | {budget} "
+                     f"| {r['seeds']} "
                      f"| {r['test_auroc']:.3f} ± {r['test_auroc_std']:.3f} | {r['test_acc']:.3f} ± {r['test_acc_std']:.3f} "
                      f"| {r['v2_resnet18_28_auroc_acc'] or '-'} | {r['plus_resnet18_28_acc_auroc'] or '-'} "
                      f"| {r['seconds']:.0f} |")
@@ -327,8 +346,9 @@ def combine_folders(folders: list[Path], out: Path, published: Path | None = Non
         seen = {_group(r) for r in rows}
         clash = next((g for g in map(_group, data["runs"]) if g in seen), None)
         if clash is not None:
-            raise ConfigError(f"--combine {folder}: {clash[0]} {clash[2]} at {clash[1]}px with the same budget is also in "
-                              f"an earlier folder; combine folders of different subsets, sizes or budgets")
+            raise ConfigError(f"--combine {folder}: {clash[0]} {clash[2]} at {clash[1]}px with the same budget and "
+                              f"architecture ({clash[5]}, {clash[6]}) is also in an earlier folder; combine folders of "
+                              "different subsets, sizes, budgets or architectures")
         sources.append({"folder": str(folder), "config": data.get("config"), "device": data.get("device")})
         rows.extend(data["runs"])
     combined = {"sources": sources, "versions": package_versions(), "runs": rows,

@@ -27,10 +27,11 @@ from ..learning.maml import MAMLConfig
 from ..learning.models import ModelConfig
 from ..learning.pretrain import PretrainConfig
 from ..methods import (KNN, LPFT, MMPT, AdaptationRule, Checkpoint, FineTune, ImageNet, Initialisation, LinearProbe,
-                       MAMLInit, MAMLInner, Method, Prototypes, Scratch)
+                       MAMLInit, MAMLInner, Method, Pretrained, Prototypes, Scratch)
 from ..settings import Settings, load_settings, setting
 
-BUILTIN_METHODS = {"scratch": ("scratch", "finetune"), "imagenet": ("imagenet", "finetune"),
+BUILTIN_METHODS = {"scratch": ("scratch", "finetune"), "pretrained": ("pretrained", "finetune"),
+                   "imagenet": ("imagenet", "finetune"),
                    "checkpoint": ("checkpoint", "finetune"), "mmpt": ("mmpt", "finetune"), "maml": ("maml", "inner")}
 """Built-in method names and the initialisation and rule each stands for."""
 
@@ -163,7 +164,8 @@ def _import(path: str, method: str | None = None) -> Any:
 
 def builtin_initialisations(config: ExperimentConfig) -> dict[str, Initialisation]:
     """The built-in initialisations by name, with this config's settings."""
-    return _by_name(Scratch(), ImageNet(), Checkpoint(config.checkpoint), MMPT(config.pretrain), MAMLInit(config.maml))
+    return _by_name(Scratch(), Pretrained(), ImageNet(), Checkpoint(config.checkpoint), MMPT(config.pretrain),
+                    MAMLInit(config.maml))
 
 
 def builtin_rules(config: ExperimentConfig) -> dict[str, AdaptationRule]:

@@ -37,9 +37,9 @@ from ..data.store import Store
 from ..data.tasks import MedMNISTTask, find_task
 from ..episodes import Episode, EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
 from ..errors import ConfigError, EpisodeError, MethodError, PluginError
-from ..files import locked, read_cache, write_text_atomic
+from ..files import file_digest, locked, read_cache, write_text_atomic
 from ..learning.finetune import source_statistics
-from ..learning.models import changed_state, has_batchnorm, state_snapshot
+from ..learning.models import ARCHS, changed_state, has_batchnorm, state_snapshot
 from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device, resolved_precision
 from ..methods import AdaptationRule, InitContext, Initialisation, Method, Sources
 from ..methods.base import plugin_errors, user_module
@@ -282,6 +282,9 @@ class Protocol:
         # The config records what runs: the methods' names and the one reference resolved from them.
         self.config = config.replace(target=target, methods=names, reference=resolve_reference(config.reference, names))
         self.dims = self.store.manifest[target].dims
+        if self.dims == 3 and config.model.arch not in ARCHS:
+            raise MethodError(f"{target} is 3D and {config.model.arch} a 2D architecture: 3D targets take resnet18 or "
+                              "resnet50 (model.conv3d: 3d, 2.5d or acs)")
         for m in self.methods:
             if self.dims not in m.init.dims:
                 raise MethodError(f"method {m.name} needs a {' or '.join(f'{d}D' for d in m.init.dims)} target; "
@@ -317,17 +320,17 @@ class Protocol:
 
     def cache_key(self, method: Method, target: Target) -> str:
         """A hash of everything a method's result depends on: the episodes by their content
-        (``EpisodeSet.digest``) and the labels they were drawn from; a weights file by its size and
-        modification time."""
+        (``EpisodeSet.digest``) and the labels they were drawn from; the architecture (in the model
+        settings) and a weights or checkpoint file by its content's SHA-256."""
         c, episodes = self.config, target.episodes
         key: dict[str, Any] = {
             "method": method.settings(), "model": c.model.to_dict(), "size": c.size, "seed": c.seed,
             "sources": self.sources if method.needs_sources else [],
             "episodes": [episodes.digest, episodes.labels_crc32],
             **resolved_precision(method.settings(), self.device)}
-        stats = [(f, Path(f).stat()) for f in (c.model.imagenet_weights, c.checkpoint) if f and Path(f).is_file()]
-        if stats:
-            key["files"] = [(f, st.st_size, st.st_mtime_ns) for f, st in stats]
+        files = [file_digest(f) for f in (c.model.weights, c.checkpoint) if f and Path(f).is_file()]
+        if files:
+            key["files"] = files
         return stable_hash(key)
 
     def backbone(self, method: Method, writer: SummaryWriter | None) -> tuple[nn.Module, float]:
@@ -436,7 +439,7 @@ class Protocol:
             for e in per_episode:
                 writer.add_scalar(f"adapt/{_safe(method.name)}/auroc", e["auroc"], e["episode"])
         result = {"summary": summarise(per_episode), "per_episode": per_episode, "settings": method.settings(),
-                  "transductive": method.rule.transductive,
+                  "transductive": method.rule.transductive and has_batchnorm(backbone),
                   "seconds": {"train": train_seconds, "adapt": earlier + done - adapt_start,  # every run's
                               "total": earlier + done - start}}
         if distributed.is_main():

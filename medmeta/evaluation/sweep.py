@@ -32,7 +32,7 @@ from .. import distributed
 from ..data.manifest import Manifest, load_manifest
 from ..data.store import Store
 from ..errors import ConfigError, MethodError
-from ..files import atomic_path, read_cache, write_text_atomic
+from ..files import read_cache, write_text_atomic
 from ..settings import from_mapping, repeated
 from .config import ExperimentConfig, build_method, resolve_reference
 from .protocol import Protocol

@@ -1,7 +1,8 @@
 """Backbones and heads: ResNets that turn images into feature vectors, plus linear heads.
 
-``build_backbone`` returns a ResNet without its classifier, mapping a batch of images in
-[0, 1] to features ``(B, out_features)``:
+``build_backbone`` is the one registry of backbones: medmeta's ResNets (below), torchvision's
+AlexNet and every timm architecture (``backbones``). Each maps a batch of images in [0, 1] to
+features ``(B, out_features)``. medmeta's ResNets:
 
 * 2D: torchvision ResNet-18/50. Grey images are expanded to 3 channels and every input
   is normalised with the ImageNet mean/std inside ``forward``, so callers always pass
@@ -30,9 +31,7 @@ import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, get_args
-from urllib.error import URLError
 
 import torch
 import torch.nn as nn
@@ -43,8 +42,10 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, MethodError
 from ..settings import Settings
+from .backbones import PRETRAINED, ImageAdapter, InputMode, build_pretrained_2d, check_arch, download, read_weights
 
 Arch = Literal["resnet18", "resnet50"]
+"""medmeta's own ResNets; ``model.arch`` also takes torchvision's alexnet and any timm name (``backbones``)."""
 Stem = Literal["imagenet", "cifar"]
 Conv3dKind = Literal["3d", "2.5d", "acs"]
 ARCHS, STEMS, CONV3D_KINDS = get_args(Arch), get_args(Stem), get_args(Conv3dKind)
@@ -54,13 +55,22 @@ ARCHS, STEMS, CONV3D_KINDS = get_args(Arch), get_args(Stem), get_args(Conv3dKind
 class ModelConfig(Settings):
     """The backbone every method of an experiment uses."""
 
-    arch: Arch = "resnet18"
+    arch: str = "resnet18"
+    """resnet18 or resnet50 (medmeta's, 2D and 3D), alexnet (torchvision's) or any timm model name
+    with its weight tag (``vit_base_patch16_224.dino``) or ``hf-hub:owner/name`` (2D only)."""
     stem: Stem = "imagenet"
-    """``imagenet``: 7x7 stride-2 conv + max-pool; ``cifar``: 3x3 stride-1 conv, no pool (see the module docstring)."""
-    imagenet_weights: str | None = None
-    """A local torchvision ImageNet state dict for the ``imagenet`` initialisation; None downloads it."""
+    """medmeta's ResNets: ``imagenet``: 7x7 stride-2 conv + max-pool; ``cifar``: 3x3 stride-1 conv, no pool."""
+    input: InputMode = "auto"
+    """How images reach the model's input size: pad (zeros after normalisation), resize, native;
+    auto: native for medmeta's ResNets, pad for the others (see ``backbones``)."""
+    weights: str | None = None
+    """A local weights file for the pretrained initialisation; None: the published weights (downloaded)."""
     conv3d: Conv3dKind = "3d"
     """Convolutions of 3D backbones: 3D, 2.5D (2D on slices) or ACS (see ``ResNet3d``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_arch(self.arch)
 
 
 _RESNET_2D = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
@@ -198,7 +208,7 @@ class ResNet2d(ResNet):
     Output: features (B, out_features).
     """
 
-    def __init__(self, arch: Arch, stem: Stem) -> None:
+    def __init__(self, arch: Arch, stem: Stem, mode: InputMode = "auto") -> None:
         block, layers = _RESNET_2D[arch]
         super().__init__(block, layers)
         self.arch = arch
@@ -210,17 +220,11 @@ class ResNet2d(ResNet):
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
             self.maxpool = nn.Identity()
         use_small_map_convs(self)
-        # Non-persistent: the state dict keeps exactly torchvision's keys.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        # Its buffers are non-persistent: the state dict keeps exactly torchvision's keys.
+        self.adapter = ImageAdapter(IMAGENET_MEAN, IMAGENET_STD, (224, 224), "native" if mode == "auto" else mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"2D backbone expects (B, 1 or 3, H, W) images, got shape {tuple(x.shape)}")
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = (x - self.mean) / self.std
-        return super().forward(x)
+        return super().forward(self.adapter(x))
 
 
 def _to_3d(module: nn.Module, kind: Conv3dKind) -> nn.Module:
@@ -278,74 +282,48 @@ class ResNet3d(ResNet):
 
 
 def build_backbone(
-    arch: Arch = ModelConfig.arch, dims: int = 2, stem: Stem = ModelConfig.stem, weights: WeightsArg = None,
-    conv3d: Conv3dKind = ModelConfig.conv3d
+    arch: str = ModelConfig.arch, dims: int = 2, stem: Stem = ModelConfig.stem, weights: WeightsArg = None,
+    conv3d: Conv3dKind = ModelConfig.conv3d, input: InputMode = ModelConfig.input
 ) -> nn.Module:
-    """A ResNet feature extractor: (B, C, H, W) or (B, 1, D, H, W) in [0, 1] -> (B, out_features).
+    """The one backbone registry: (B, C, H, W) or (B, 1, D, H, W) in [0, 1] -> (B, out_features).
 
-    arch: "resnet18" or "resnet50".
+    arch: "resnet18" or "resnet50" (medmeta's ResNets, 2D or 3D), "alexnet" (torchvision's) or a
+        timm model name (2D only; see ``backbones``).
     dims: 2 or 3.
     conv3d: for 3D, "3d", "2.5d" or "acs" convolutions (see ``ResNet3d``).
-    stem: "cifar" (3x3 stride-1 conv, no max-pool; for 28px) or "imagenet" (7x7 stride-2 conv
-        + max-pool; for 128-224px).
-    weights: None (random init), "imagenet" (torchvision ImageNet weights, downloaded into the
-        torch hub cache; 2D only), or the path of a saved state dict with torchvision ResNet
-        keys (a torchvision checkpoint such as ``resnet18-f37072fd.pth``, or the
-        ``state_dict()`` of a backbone built here; a 3D backbone takes only its own).
-        ``fc.*`` entries are ignored. With the cifar stem a 7x7 ``conv1.weight`` does not fit
-        the 3x3 conv: every weight except conv1 is loaded and conv1 keeps its random init.
+    stem: medmeta's ResNets: "cifar" (3x3 stride-1 conv, no max-pool; for 28px) or "imagenet"
+        (7x7 stride-2 conv + max-pool; for 128-224px).
+    weights: None (random init), "pretrained" (the architecture's published weights, downloaded
+        by timm or torchvision into their caches; "imagenet" is the same for medmeta's ResNets;
+        2D only), or the path of a state dict. For medmeta's ResNets: torchvision ResNet keys
+        (``resnet18-f37072fd.pth``, or the ``state_dict()`` of a backbone built here; a 3D
+        backbone takes only its own); ``fc.*`` entries are ignored; with the cifar stem a 7x7
+        ``conv1.weight`` does not fit the 3x3 conv: every weight except conv1 is loaded.
+    input: how images reach the model's input size (``backbones.ImageAdapter``).
     """
     if dims not in (2, 3):
         raise ConfigError(f"dims must be 2 or 3, got {dims!r}")
     if stem not in STEMS:
         raise ConfigError(f"stem must be one of {STEMS}, got {stem!r}")
+    check_arch(arch)
+    published = isinstance(weights, str) and weights in (PRETRAINED, "imagenet")
+    if published and dims == 3:
+        raise MethodError("there are no published weights for 3D backbones; start from scratch or a local file")
     if arch not in ARCHS:
-        raise ConfigError(f"arch must be one of {ARCHS}, got {arch!r}")
-    imagenet = isinstance(weights, str) and weights == "imagenet"
-    if imagenet and dims == 3:
-        raise MethodError("there are no ImageNet weights for 3D backbones; use weights=None or a local file")
-
+        if dims == 3:
+            raise MethodError(f"{arch} is a 2D architecture; 3D targets take resnet18 or resnet50 (2.5D, 3D or ACS "
+                              "convolutions: model.conv3d)")
+        return build_pretrained_2d(arch, PRETRAINED if published else weights, input)
     if conv3d not in CONV3D_KINDS:
         raise ConfigError(f"conv3d must be one of {CONV3D_KINDS}, got {conv3d!r}")
-    model: nn.Module = ResNet2d(arch, stem) if dims == 2 else ResNet3d(arch, stem, conv3d)
+    model: nn.Module = ResNet2d(arch, stem, input) if dims == 2 else ResNet3d(arch, stem, conv3d)
     if weights is None:
         return model
-    if imagenet:
-        _load_into(model, _download_imagenet(arch), source="ImageNet weights")
+    if published:
+        _load_into(model, download(_IMAGENET_WEIGHTS[arch].url, arch), source="ImageNet weights")
     else:
-        _load_into(model, _read_state_dict(weights), source=f"weights file {os.fspath(weights)!r}")
+        _load_into(model, read_weights(weights), source=f"weights file {os.fspath(weights)!r}")
     return model
-
-
-def _download_imagenet(arch: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet state dict for ``arch`` (hub cache, else download)."""
-    url = _IMAGENET_WEIGHTS[arch].url
-    try:
-        return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True)
-    except (URLError, OSError, RuntimeError) as err:
-        file_name = url.rsplit("/", 1)[-1]
-        raise MethodError(
-            f"ImageNet weights for {arch} could not be downloaded from {url} ({err}). "
-            f"Pass a local weights file instead, e.g. weights='/path/{file_name}' "
-            f"(--weights /path/{file_name} on the command line), put that file in "
-            f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or use weights=None."
-        ) from err
-
-
-def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict (mapping of names to tensors) from ``path``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"weights file {str(path)!r} not found (weights must be None, 'imagenet' or a .pth state-dict path)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and format errors all mean "not a state dict"
-        raise ConfigError(f"weights file {str(path)!r} could not be read as a torch state dict: {err}") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"weights file {str(path)!r} does not hold a state dict (a mapping of names to tensors)")
-    return state
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -4,7 +4,10 @@
 name         backbone
 ============ =====================================================================================
 scratch      random initialisation (seeded)
-imagenet     torchvision's ImageNet weights (2D only; ``model.imagenet_weights`` for a local file)
+pretrained   the architecture's published weights: timm's (the name's weight tag, e.g.
+             ``vit_base_patch16_224.dino``) or torchvision's ImageNet weights for medmeta's ResNets
+             and AlexNet; ``model.weights`` (``--weights FILE``) for a local file (2D only)
+imagenet     the same as ``pretrained`` (its name from when ResNets were the only backbones)
 checkpoint   a state dict the user trained elsewhere (``Checkpoint(path)``, ``--checkpoint FILE``)
 mmpt         multi-domain multi-task pretraining on the leave-one-out sources (``learning.pretrain``)
 maml         mm-MAML meta-training on the leave-one-out sources (``learning.maml``)
@@ -28,6 +31,7 @@ from .. import distributed
 from ..errors import MethodError
 from ..files import torch_save_atomic, write_text_atomic
 from ..learning.maml import MAMLConfig, train_maml
+from ..learning.backbones import PRETRAINED
 from ..learning.models import build_backbone
 from ..learning.pretrain import MultiTaskPretrainer, PretrainConfig
 from ..settings import Settings
@@ -35,11 +39,12 @@ from .base import Initialisation, InitContext
 
 
 def random_backbone(context: InitContext, weights: str | None = None) -> nn.Module:
-    """The experiment's backbone (arch and stem from ``context.model``), seeded by ``context.seed``."""
+    """The experiment's backbone (``context.model``), seeded by ``context.seed``; ``weights``:
+    None (random), ``"pretrained"`` or a file (``models.build_backbone``)."""
     torch.manual_seed(context.seed)
     model = context.model
     return build_backbone(model.arch, dims=context.dims, stem=model.stem, weights=weights,
-                          conv3d=model.conv3d).to(context.device)
+                          conv3d=model.conv3d, input=model.input).to(context.device)
 
 
 @dataclass
@@ -54,14 +59,21 @@ class Scratch(Settings, Initialisation):
 
 
 @dataclass
-class ImageNet(Settings, Initialisation):
-    """torchvision ImageNet weights (downloaded, or ``model.imagenet_weights``)."""
+class Pretrained(Settings, Initialisation):
+    """The architecture's published weights (downloaded by timm or torchvision, or ``model.weights``)."""
 
-    name: ClassVar[str] = "imagenet"
+    name: ClassVar[str] = "pretrained"
     dims: ClassVar[tuple[int, ...]] = (2,)
 
     def backbone(self, context: InitContext) -> nn.Module:
-        return random_backbone(context, weights=context.model.imagenet_weights or "imagenet")
+        return random_backbone(context, weights=context.model.weights or PRETRAINED)
+
+
+@dataclass
+class ImageNet(Pretrained):
+    """``pretrained`` under its earlier name (ImageNet weights, when ResNets were the only backbones)."""
+
+    name: ClassVar[str] = "imagenet"
 
 
 @dataclass
