@@ -296,3 +296,23 @@ def test_frozen_features_take_batchnorm_statistics_without_a_batch_of_one(tmp_pa
     config = from_mapping(BaselineConfig, {"datasets": ["toy257"], "schemes": ["linear"], "device": "cpu"})
     table = Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()["table"]
     assert [(r["scheme"], r["seeds"]) for r in table] == [("linear", 1)]
+
+
+def test_linear_and_knn_share_one_feature_cache(store: Store, synthetic: Synthetic, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "schemes": ["linear", "knn"], "seeds": [0, 1],
+                                           "device": "cpu", "bn_batches": 1})
+    built = []
+    backbone = Baselines.backbone
+    monkeypatch.setattr(Baselines, "backbone", lambda self, *a: built.append(a) or backbone(self, *a))
+    first = Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()
+    assert len(built) == 2  # one backbone per seed, for both rules
+    assert len(list((tmp_path / "out" / "tclass" / "features").glob("*.pt"))) == 2
+    for result in (tmp_path / "out").glob("tclass/*/seed*/result.json"):
+        result.unlink()  # the runs are redone ...
+    again = Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()
+    assert len(built) == 2  # ... from the cached features: no backbone is built again
+    assert [r["test_auroc"] for r in again["runs"]] == [r["test_auroc"] for r in first["runs"]]
+    shutil.rmtree(tmp_path / "out" / "tclass" / "features")
+    fresh = Baselines(config, tmp_path / "out2", root=store.root, manifest=synthetic.manifest).run()
+    assert [r["test_auroc"] for r in fresh["runs"]] == [r["test_auroc"] for r in first["runs"]]  # same features

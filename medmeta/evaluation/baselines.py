@@ -39,11 +39,11 @@ from ..data.tasks import MedMNISTTask
 from ..data.transforms import PadTo, ResizeTo
 from ..episodes import Episode
 from ..errors import ConfigError
-from ..files import file_digest, read_cache, write_text_atomic
+from ..files import file_digest, read_cache, torch_save_atomic, write_text_atomic
 from ..learning.backbones import PRETRAINED
 from ..learning.models import ARCHS, Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
 from ..learning.pixels import pixel_baseline, unfit_candidates
-from ..learning.runtime import predict, resolve_device, resolved_precision
+from ..learning.runtime import autocast, predict, resolve_device, resolved_precision
 from ..learning.supervised import SupervisedConfig, epoch_batches, train_supervised
 from ..methods import KNN, LinearProbe
 from ..settings import Settings, repeated, setting
@@ -223,27 +223,56 @@ class Baselines:
                 "epochs_run": len(best["history"]), "val_auroc": best["val_auroc"], "val_acc": best["val_acc"],
                 "train_seconds": best["seconds"], "data_share": best["data_share"]}
 
-    @torch.no_grad()
+    def frozen_features(self, name: str, seed: int) -> dict[str, torch.Tensor]:
+        """The frozen backbone's features of every split of ``name``: computed once per backbone
+        (architecture, weights, input, seed) and cached in ``out/<dataset>/features/``, so the
+        linear probe and k-NN (and a grid of rules) read them instead of recomputing; features, not
+        images, are held, so memory stays bounded at 224px."""
+        c = self.config
+        identity = {"dataset": name, "size": c.size, "model": c.model.to_dict(), "init": c.init, "seed": seed,
+                    "weights": file_digest(c.model.weights) if c.init == "pretrained" and c.model.weights else None,
+                    "input_size": c.input_size, "resize": c.resize, "bn_batches": c.bn_batches,
+                    **resolved_precision(c.train.to_dict(), self.device)}
+        path = self.out / self.store.manifest[name].short_name / "features" / f"{stable_hash(identity)}.pt"
+        if path.is_file():
+            try:
+                saved = torch.load(path, map_location=self.device, weights_only=True)
+                if isinstance(saved, dict) and set(saved) == {"train", "val", "test"}:
+                    return saved
+            except (OSError, RuntimeError, ValueError, EOFError):
+                pass
+            print(f"{path}: not a readable feature cache; the features are computed again")
+        splits = {s: self.split(name, s) for s in ("train", "val", "test")}
+        backbone = self.backbone(splits["train"].task.dims, None, seed).to(self.device)
+        order = np.random.default_rng(seed).permutation(len(splits["train"]))[:c.bn_batches * 256]
+        with autocast(self.device, c.train.precision):
+            reestimate_batchnorm(backbone, (splits["train"].get_batch(np.sort(batch), self.device)[0]
+                                            for batch in epoch_batches(order, 256)))
+        backbone.eval()
+        if self.device.type == "cuda":
+            backbone = backbone.to(memory_format=torch.channels_last)
+        features = {s: self.features(backbone, ds) for s, ds in splits.items()}
+        torch_save_atomic(features, path)
+        return features
+
+    @torch.inference_mode()
     def features(self, backbone: torch.nn.Module, ds: MedMNISTTask, batch: int = 256) -> torch.Tensor:
-        """Backbone features of a whole split, in order, computed in batches."""
+        """Backbone features of a whole split, in order, computed in batches (float32)."""
         out = []
         for start in range(0, len(ds), batch):
             x, _ = ds.get_batch(np.arange(start, min(start + batch, len(ds))), self.device)
-            out.append(backbone(x))
+            with autocast(self.device, self.config.train.precision):
+                out.append(backbone(x).float())
         return torch.cat(out)
 
     def frozen(self, name: str, scheme: str, seed: int) -> dict[str, Any]:
         """A frozen-feature rule with the whole training split as its support set."""
-        train, val, test = (self.split(name, s) for s in ("train", "val", "test"))
-        backbone = self.backbone(train.task.dims, None, seed).to(self.device)
-        order = np.random.default_rng(seed).permutation(len(train))[:self.config.bn_batches * 256]
-        reestimate_batchnorm(backbone, (train.get_batch(np.sort(batch), self.device)[0]
-                                        for batch in epoch_batches(order, 256)))
-        backbone.eval()
+        features = self.frozen_features(name, seed)
+        train = self.split(name, "train")
         task_type = train.task.task_type
         stub = Episode(torch.empty(0), torch.empty(0), torch.empty(0), None, task_type,
                        tuple(range(train.task.num_classes if not task_type.binary else 2)))
-        support = self.features(backbone, train)
+        support = features["train"]
         support_y = train.label_tensor(np.arange(len(train))).to(self.device)
         rule: LinearProbe | KNN = getattr(self.config, scheme)
         if isinstance(rule, LinearProbe):
@@ -256,8 +285,9 @@ class Baselines:
                 return torch.cat([rule.scores(support, support_y, query[i:i + 1024], stub)
                                   for i in range(0, len(query), 1024)])
         out = {}
-        for split_name, ds in (("val", val), ("test", test)):
-            result = task_type.evaluate(ds.labels, score(self.features(backbone, ds)).cpu())
+        for split_name in ("val", "test"):
+            labels = self.split(name, split_name).labels
+            result = task_type.evaluate(labels, score(features[split_name]).cpu())
             out[f"{split_name}_auroc"], out[f"{split_name}_acc"] = result["auroc"], result["acc"]
         return out
 
