@@ -159,3 +159,38 @@ def test_supervised_schemes_on_several_architectures(synthetic: Synthetic, tmp_p
     with pytest.raises(SystemExit):  # a weights file without --init pretrained is refused before any work
         supervised.main([*common, "--weights", "w.pth", "--out", str(tmp_path / "w")])
     assert "add --init pretrained" in capsys.readouterr().err
+
+
+def test_mmpt_and_maml_start_from_pretrained_weights(synthetic: Synthetic, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from medmeta.methods import initialisations
+
+    torch.manual_seed(3)
+    file_net = build_backbone("test_resnet")
+    weights = tmp_path / "weights.pth"
+    torch.save(file_net.state_dict(), weights)
+    starts: dict[str, dict] = {}
+    for name, attr in (("mmpt", "MultiTaskPretrainer"), ("maml", "train_maml")):
+        original = getattr(initialisations, attr)
+
+        def spy(backbone, *args, _name=name, _original=original, **kwargs):
+            starts[_name] = {k: v.clone() for k, v in backbone.state_dict().items()}
+            return _original(backbone, *args, **kwargs)
+
+        monkeypatch.setattr(initialisations, attr, spy)
+    cfg = tiny_config(target="toyclass", methods=["mmpt+proto", "maml"],
+                      **{"model.arch": "test_resnet", "model.weights": str(weights), "pretrain.init": "pretrained",
+                         "maml.init": "pretrained", "episodes.count": 2, "episodes.queries": 2,
+                         "episodes.min_class_samples": None})
+    run_protocol(cfg, tmp_path / "out", root=tmp_path / "root", source_dir=str(synthetic.source_dir),
+                 manifest=synthetic.manifest)
+    for name in ("mmpt", "maml"):
+        for k, v in file_net.state_dict().items():
+            torch.testing.assert_close(starts[name][k], v, rtol=0, atol=0, msg=f"{name} {k}")
+    folders = {p.name.split("-")[0]: p for p in (tmp_path / "out" / "pretrained").iterdir()}
+    assert set(folders) == {"mmpt", "maml"}
+    scratch = run_protocol(cfg.replace(pretrain=cfg.pretrain.replace(init="scratch"), methods=["mmpt+proto"]),
+                           tmp_path / "out", root=tmp_path / "root", source_dir=str(synthetic.source_dir),
+                           manifest=synthetic.manifest)
+    assert len(list((tmp_path / "out" / "pretrained").glob("mmpt-*"))) == 2  # another start trains apart
+    assert scratch["methods"]["mmpt+proto"]["settings"]["init"]["config"]["init"] == "scratch"

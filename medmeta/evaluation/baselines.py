@@ -40,7 +40,7 @@ from ..data.transforms import PadTo, ResizeTo
 from ..episodes import Episode
 from ..errors import ConfigError
 from ..files import file_digest, read_cache, torch_save_atomic, write_text_atomic
-from ..learning.backbones import PRETRAINED
+from ..learning.backbones import Start, start_weights
 from ..learning.models import ARCHS, Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
 from ..learning.pixels import pixel_baseline, unfit_candidates
 from ..learning.runtime import autocast, predict, resolve_device, resolved_precision
@@ -51,7 +51,7 @@ from .protocol import stable_hash
 from .results import package_versions, write_csv
 
 Scheme = Literal["end2end", "linear", "knn", "pixels"]
-Init = Literal["scratch", "pretrained"]
+Init = Start
 """Where a supervised backbone starts: random (MedMNIST v2) or published weights (MedMNIST+)."""
 Resize = Literal["pad", "bilinear"]
 """How small images reach a larger network input: zero-padding (MedMNIST+'s code) or bilinear resizing."""
@@ -204,8 +204,8 @@ class Baselines:
         """A freshly seeded backbone for ``dims`` (and the 3D convolution kind)."""
         torch.manual_seed(seed)
         m = self.config.model
-        weights = (m.weights or PRETRAINED) if self.config.init == "pretrained" else None
-        return build_backbone(m.arch, dims=dims, stem=m.stem, weights=weights, conv3d=conv or "3d", input=m.input)
+        return build_backbone(m.arch, dims=dims, stem=m.stem, weights=start_weights(self.config.init, m.weights),
+                              conv3d=conv or "3d", input=m.input)
 
     def end2end(self, name: str, conv: str | None, seed: int, folder: Path) -> dict[str, Any]:
         """Train end-to-end (checkpointed in ``folder``), keep the best validation epoch, score the test split."""

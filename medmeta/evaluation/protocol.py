@@ -251,8 +251,10 @@ def init_folder(pretrained: Path, method: Method, config: ExperimentConfig, dims
                 device: torch.device) -> Path:
     """Where an initialisation keeps its training: named by everything the training depends on."""
     settings = method.init.settings()
+    weights = config.model.weights
     identity = {"init": _without_training_keys(settings), "model": config.model.to_dict(), "size": config.size,
                 "dims": dims, "sources": sources if method.needs_sources else [], "seed": config.seed,
+                "weights": file_digest(weights) if weights and Path(weights).is_file() else None,
                 **resolved_precision(settings, device)}
     return pretrained / f"{settings['name']}-{stable_hash(identity)}"
 

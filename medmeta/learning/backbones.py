@@ -34,10 +34,18 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, MethodError
 
 InputMode = Literal["auto", "pad", "resize", "native"]
+Start = Literal["scratch", "pretrained"]
+"""Where a trained backbone starts (supervised training, mm-PT, MAML): random, or published weights."""
 OWN_RESNETS = ("resnet18", "resnet50")
 TORCHVISION = ("alexnet",)
 PRETRAINED = "pretrained"
 """The ``weights`` value that asks for an architecture's published weights."""
+
+
+def start_weights(start: Start, weights: str | None) -> str | None:
+    """The ``weights`` argument of ``models.build_backbone`` for a backbone that starts at ``start``:
+    None (random), the local file ``weights``, or the published ones."""
+    return (weights or PRETRAINED) if start == "pretrained" else None
 
 
 def check_arch(arch: str) -> str:

@@ -41,6 +41,7 @@ from ..episodes import Episode, MultiTaskEpisodeSampler
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from ..tasktype import TaskType
+from .backbones import Start
 from .finetune import feature_dim
 from .models import train_mode
 from .runtime import check_identity, check_steps, checkpoint_identity
@@ -61,6 +62,8 @@ class MAMLConfig(Settings):
     available from ``MAML(meta_sgd=True)`` for code of your own; the protocol does not use it.)
     """
 
+    init: Start = "scratch"
+    """Where the backbone starts: random, or the architecture's published weights (``model.weights``)."""
     steps: int = setting(200, min=1)
     meta_batch: int = setting(4, min=1)
     inner_steps: int = setting(4, min=1)

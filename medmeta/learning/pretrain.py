@@ -43,6 +43,7 @@ from ..episodes.sampling import TEMPERATURE, TaskWeighting, task_probabilities
 from ..errors import ConfigError
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
+from .backbones import Start
 from .models import MultiHeadModel, batchnorm_restored, reestimate_batchnorm
 from .runtime import Precision, autocast, check_identity, check_steps, checkpoint_identity, evaluate_split
 
@@ -56,6 +57,9 @@ class PretrainConfig(Settings):
     """mm-PT settings (see the module docstring). The defaults fit a 2-core CPU; the ``paper``
     profile has MedIMeta's budget."""
 
+    init: Start = "scratch"
+    """Where the backbone starts: random, or the architecture's published weights (``model.weights``
+    for a file), as MedIMeta's mm-PT starts from ImageNet."""
     steps: int = setting(1500, min=1)
     batch_size: int = setting(64, min=1)
     lr: float = setting(1e-3, above=0)

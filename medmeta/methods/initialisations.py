@@ -9,8 +9,9 @@ pretrained   the architecture's published weights: timm's (the name's weight tag
              and AlexNet; ``model.weights`` (``--weights FILE``) for a local file (2D only)
 imagenet     the same as ``pretrained`` (its name from when ResNets were the only backbones)
 checkpoint   a state dict the user trained elsewhere (``Checkpoint(path)``, ``--checkpoint FILE``)
-mmpt         multi-domain multi-task pretraining on the leave-one-out sources (``learning.pretrain``)
-maml         mm-MAML meta-training on the leave-one-out sources (``learning.maml``)
+mmpt         multi-domain multi-task pretraining on the leave-one-out sources (``learning.pretrain``),
+             from scratch or from published weights (``pretrain.init``)
+maml         mm-MAML meta-training on the leave-one-out sources (``learning.maml``; ``maml.init``)
 ============ =====================================================================================
 
 The trained ones keep their checkpoints in the folder the protocol gives them, named by
@@ -31,7 +32,7 @@ from .. import distributed
 from ..errors import MethodError
 from ..files import torch_save_atomic, write_text_atomic
 from ..learning.maml import MAMLConfig, train_maml
-from ..learning.backbones import PRETRAINED
+from ..learning.backbones import PRETRAINED, start_weights
 from ..learning.models import build_backbone
 from ..learning.pretrain import MultiTaskPretrainer, PretrainConfig
 from ..settings import Settings
@@ -107,7 +108,8 @@ class MMPT(Settings, Initialisation):
 
     def backbone(self, context: InitContext) -> nn.Module:
         assert context.sources is not None, "the protocol gives trained initialisations their sources"
-        trainer = MultiTaskPretrainer(random_backbone(context), context.sources.train, context.sources.val,
+        start = random_backbone(context, start_weights(self.config.init, context.model.weights))
+        trainer = MultiTaskPretrainer(start, context.sources.train, context.sources.val,
                                       self.config, context.device, seed=context.seed,
                                       checkpoint=context.folder / "checkpoint.pt", writer=context.writer)
         backbone = trainer.run()
@@ -127,7 +129,8 @@ class MAMLInit(Settings, Initialisation):
 
     def backbone(self, context: InitContext) -> nn.Module:
         assert context.sources is not None, "the protocol gives trained initialisations their sources"
-        maml = train_maml(random_backbone(context), context.sources.train, self.config, context.device,
+        maml = train_maml(random_backbone(context, start_weights(self.config.init, context.model.weights)),
+                          context.sources.train, self.config, context.device,
                           seed=context.seed, checkpoint=context.folder / "checkpoint.pt", writer=context.writer)
         save_trained(context.folder, maml.backbone, {"seconds": maml.seconds})
         return maml.backbone
