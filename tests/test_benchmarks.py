@@ -61,3 +61,31 @@ def test_the_episode_benchmark_summarises_its_saved_runs(tmp_path: Path) -> None
 def test_the_docs_episode_table_is_the_summary_of_the_saved_runs() -> None:
     table = episodes.summarise(REPO / "docs" / "results" / "benchmarks" / "episodes.txt")
     assert table in (REPO / "docs" / "benchmarks.md").read_text()
+
+
+def test_the_backbone_benchmark_times_ours_and_plain_on_tiny_models(tmp_path: Path) -> None:
+    import backbones
+
+    report = backbones.main(["--archs", "test_vit,test_resnet,alexnet", "--batch", "2", "--steps", "1", "--rounds", "1",
+                             "--json", str(tmp_path / "backbones.json")])
+    assert set(report["archs"]) == {"test_vit", "test_resnet", "alexnet"}
+    for r in report["archs"].values():
+        assert min(r["features_ours"], r["features_plain"], r["train_ours"], r["train_plain"]) > 0
+    assert report["feature_cache"]["load_s"] > 0
+    assert json.loads((tmp_path / "backbones.json").read_text())["archs"].keys() == report["archs"].keys()
+
+
+def test_ours_and_plain_compute_the_same_features() -> None:
+    import backbones
+    import torch
+
+    from medmeta.learning.models import build_backbone
+
+    for arch in ("test_vit", "alexnet"):
+        torch.manual_seed(0)
+        ours = build_backbone(arch).eval()
+        plain = backbones.Plain(arch).eval()
+        plain.model.load_state_dict(ours.model.state_dict() if hasattr(ours, "model") else ours.state_dict())
+        x = torch.rand(2, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), plain(x))
