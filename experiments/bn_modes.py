@@ -23,7 +23,7 @@ from typing import Any, get_args
 import numpy as np
 
 from medmeta.data.fetch import SOURCE_DIR_ENV
-from medmeta.errors import MedmetaError
+from medmeta.errors import ConfigError, MedmetaError
 from medmeta.evaluation import Protocol, load_experiment_config
 from medmeta.evaluation.config import ExperimentConfig, build_method
 from medmeta.evaluation.metrics import paired_difference
@@ -50,6 +50,14 @@ def mode_config(base: ExperimentConfig, target: str, mode: BNMode, inits: list[s
     if mode == "sources":
         config = config.replace(methods=[m for m in config.methods if build_method(m, config).needs_sources])
     return config
+
+
+def saved_results(folder: Path) -> dict[str, Any]:
+    """A finished run's results.json (for ``--collect``); one line if there is none."""
+    try:
+        return json.loads((folder / "results.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--collect: no readable results.json in {folder} ({exc}); run without --collect") from None
 
 
 def table(runs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--root", help="store folder (default $MEDMETA_ROOT or ~/.medmeta)")
     parser.add_argument("--source-dir", help=f"folder with official npz files (or ${SOURCE_DIR_ENV})")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: write the table from the runs' results.json files already in --out")
     args = parser.parse_args(argv)
     try:
         bad = [m for m in args.modes if m not in get_args(BNMode)]
@@ -132,18 +142,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base = load_experiment_config(args.config, CONFIGS, nested({"sources": sources, "episodes.count": args.episodes}),
                                       args.set)
         out, source_dir = Path(args.out), args.source_dir or os.environ.get(SOURCE_DIR_ENV)
-        jobs = {(t, mode): Protocol(mode_config(base, t, mode, args.inits), out / t / mode, root=args.root,
-                                   source_dir=source_dir, pretrained=out / "pretrained")
-                for t in args.target for mode in modes}  # every run checked before any work
+        if args.collect:
+            runs = {(t, mode): saved_results(out / t / mode) for t in args.target for mode in modes}
+        else:
+            jobs = {(t, mode): Protocol(mode_config(base, t, mode, args.inits), out / t / mode, root=args.root,
+                                       source_dir=source_dir, pretrained=out / "pretrained")
+                    for t in args.target for mode in modes}  # every run checked before any work
     except MedmetaError as exc:
         print(f"bn_modes: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    runs = {key: job.run() for key, job in jobs.items()}
+    if not args.collect:
+        runs = {key: job.run() for key, job in jobs.items()}
     rows = table(runs)
     summary = verdict(rows)
     doc = {"command": "python experiments/bn_modes.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "config": base.to_dict(), "modes": modes, "rows": rows, "summary": summary,
-           "runs": {f"{t}/{mode}": str(out / t / mode / "results.json") for t, mode in jobs}}
+           "runs": {f"{t}/{mode}": str(out / t / mode / "results.json") for t, mode in runs}}
     write_text_atomic(out / "table.json", json.dumps(doc, indent=2))
     write_csv(out / "table.csv", rows, FIELDS)
     text = markdown(rows, summary)

@@ -141,3 +141,25 @@ def test_the_protocol_records_the_mode_refuses_sources_for_scratch_and_marks_tra
     assert sources["methods"]["mmpt+proto"]["per_episode"] != first["methods"]["mmpt+proto"]["per_episode"]
     with pytest.raises(ValueError, match="bn=sources takes BatchNorm statistics from the sources"):
         run(["scratch+proto"], **{"adaptation.proto.bn": "sources"})
+
+
+def test_the_bn_mode_table_runs_every_mode_and_collects_it_again(synthetic: Synthetic, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import bn_modes
+
+    monkeypatch.setenv("MEDMETA_MANIFEST", str(synthetic.manifest_path))
+    args = ["--target", "toyclass", "--inits", "scratch,mmpt", "--config", "smoke", "--episodes", "2", "--sources", "available",
+            "--set", "episodes.queries=2", "--set", "episodes.min_class_samples=null", "--set", "device=cpu",
+            "--root", str(tmp_path / "root"), "--source-dir", str(synthetic.source_dir), "--out", str(tmp_path / "bn")]
+    doc = bn_modes.main(args)
+    rows = {(r["init"], r["rule"], r["bn"]): r for r in doc["rows"]}
+    assert {(i, b) for i, _, b in rows} == {("scratch", "support"), ("scratch", "own"), ("scratch", "transductive"),
+                                            ("mmpt", "support"), ("mmpt", "own"), ("mmpt", "transductive"),
+                                            ("mmpt", "sources")}
+    assert all(r["auroc_diff"] == 0 for (i, _, b), r in rows.items() if b == "support")  # paired with itself
+    assert len(list((tmp_path / "bn" / "pretrained").glob("mmpt-*"))) == 1  # trained once for every mode
+    assert bn_modes.main([*args, "--collect"])["rows"] == doc["rows"]
+    assert "| toyclass | mmpt+linear |" in (tmp_path / "bn" / "table.md").read_text()
