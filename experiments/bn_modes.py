@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         modes: list[BNMode] = list(dict.fromkeys([BASELINE, *args.modes]))
         configure_threads(args.threads)
         sources = args.sources if args.sources in (None, "default", "available") else comma_list(args.sources)
-        base = load_experiment_config(args.config, CONFIGS, nested({"sources": sources, "episodes.count": args.episodes}),
-                                      args.set)
+        overrides = nested({"sources": sources, "episodes.count": args.episodes})
+        base = load_experiment_config(args.config, CONFIGS, overrides, args.set)
         out, source_dir = Path(args.out), args.source_dir or os.environ.get(SOURCE_DIR_ENV)
         if args.collect:
             runs = {(t, mode): saved_results(out / t / mode) for t in args.target for mode in modes}

@@ -151,8 +151,8 @@ def test_the_bn_mode_table_runs_every_mode_and_collects_it_again(synthetic: Synt
     import bn_modes
 
     monkeypatch.setenv("MEDMETA_MANIFEST", str(synthetic.manifest_path))
-    args = ["--target", "toyclass", "--inits", "scratch,mmpt", "--config", "smoke", "--episodes", "2", "--sources", "available",
-            "--set", "episodes.queries=2", "--set", "episodes.min_class_samples=null", "--set", "device=cpu",
+    args = ["--target", "toyclass", "--inits", "scratch,mmpt", "--config", "smoke", "--episodes", "2",
+            "--sources", "available", "--set", "episodes.queries=2", "--set", "episodes.min_class_samples=null", "--set", "device=cpu",
             "--root", str(tmp_path / "root"), "--source-dir", str(synthetic.source_dir), "--out", str(tmp_path / "bn")]
     doc = bn_modes.main(args)
     rows = {(r["init"], r["rule"], r["bn"]): r for r in doc["rows"]}
