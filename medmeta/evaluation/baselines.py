@@ -47,6 +47,7 @@ from ..learning.runtime import autocast, predict, resolve_device, resolved_preci
 from ..learning.supervised import SupervisedConfig, epoch_batches, train_supervised
 from ..methods import KNN, LinearProbe
 from ..settings import Settings, repeated, setting
+from .grid import grid_markdown, write_grid
 from .protocol import stable_hash
 from .results import package_versions, write_csv
 
@@ -348,12 +349,17 @@ def markdown(table: list[dict[str, Any]]) -> str:
 
 
 def write_tables(out: Path, combined: dict[str, Any]) -> None:
-    """baselines.json (runs, table, what produced them), baselines.csv and baselines.md under ``out``; prints the table."""
+    """baselines.json (runs, table, what produced them), baselines.csv and baselines.md under ``out``,
+    and with several sizes, schemes or architectures the grid's analysis (``grid.write_grid``);
+    prints the tables."""
     table = combined["table"]
     write_text_atomic(out / "baselines.json", json.dumps(combined, indent=2, default=str))
     write_csv(out / "baselines.csv", table, list(table[0]) if table else [])
     write_text_atomic(out / "baselines.md", markdown(table) + "\n")
     print(markdown(table))
+    summary = write_grid(out, table)
+    if summary is not None:
+        print(grid_markdown(summary))
 
 
 def combine_folders(folders: list[Path], out: Path, published: Path | None = None) -> dict[str, Any]:

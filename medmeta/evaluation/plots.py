@@ -12,6 +12,8 @@ and 1 to 18 targets; layouts are constrained, so every label stays inside the ca
   within groups, the absolute AUROC printed beside each row (``results.png``).
 * ``sweep_figure(combined)``: a sweep: one small panel per target, each method's paired AUROC
   difference to that target's reference (``table.png``).
+* ``grid_figure(rows, transitions)``: a supervised grid: accuracy per dataset for each
+  architecture, size and scheme, and the resolution transitions (``grid.png``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
@@ -172,6 +175,55 @@ def sweep_figure(combined: Mapping[str, Any]) -> Figure:
                  "reference" + (f", mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""),
                  fontsize=10)
     _legend(fig, rows)
+    return fig
+
+
+def grid_figure(rows: Sequence[Mapping[str, Any]], transitions: Sequence[Mapping[str, Any]]) -> Figure:
+    """A supervised grid: per scheme, each architecture's test accuracy on every dataset (a dot per
+    dataset, coloured by image size, a bar at their mean), then the resolution transitions (share
+    of cells improving from each size to the next)."""
+    schemes = sorted({r["scheme"] for r in rows})
+    archs = sorted({r["arch"] for r in rows})
+    sizes = sorted({r["size"] for r in rows})
+    panels = len(schemes) + (1 if transitions else 0)
+    ncols = min(3, panels)
+    nrows = math.ceil(panels / ncols)
+    fig = Figure(figsize=(WIDTH_INCHES, 1.0 + nrows * (1.6 + 0.12 * max(len(a) for a in archs))), dpi=DPI,
+                 layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    size_colour = {size: PALETTE[1 + i % (len(PALETTE) - 1)] for i, size in enumerate(sizes)}
+    width = 0.8 / len(sizes)
+    for ax, scheme in zip(axes.flat, schemes):
+        for j, size in enumerate(sizes):
+            for i, arch in enumerate(archs):
+                values = [r["test_acc"] for r in rows if (r["scheme"], r["arch"], r["size"]) == (scheme, arch, size)]
+                if not values:
+                    continue
+                x = i - 0.4 + width * (j + 0.5)
+                ax.plot([x] * len(values), values, "o", ms=4, alpha=0.7, color=size_colour[size])
+                ax.plot([x - width / 2, x + width / 2], [float(np.mean(values))] * 2, color=size_colour[size], lw=2)
+        ax.set_xticks(range(len(archs)), archs, rotation=35, ha="right", fontsize=7)
+        ax.set_title(scheme, fontsize=9)
+        ax.set_ylabel("test accuracy", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    if transitions:
+        ax = axes.flat[len(schemes)]
+        labels = [f"{t['scheme']} {t['from']}→{t['to']}" for t in transitions]
+        ax.barh(range(len(transitions)), [t["improved"] / t["cells"] for t in transitions], color=PALETTE[1])
+        for y, t in enumerate(transitions):
+            ax.text(0.01, y, f"{t['improved']} of {t['cells']}", va="center", fontsize=7, color="white")
+        ax.set_yticks(range(len(transitions)), labels, fontsize=7)
+        ax.set_xlim(0, 1)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlabel("share of cells improving", fontsize=8)
+        ax.set_title("resolution transitions", fontsize=9)
+        ax.invert_yaxis()
+    for ax in axes.flat[panels:]:
+        ax.set_visible(False)
+    fig.legend(handles=[Line2D([], [], ls="", marker="o", color=size_colour[s], label=f"{s}px") for s in sizes],
+               loc="outside lower center", ncols=len(sizes), fontsize=8, frameon=False)
+    fig.suptitle("Supervised grid: test accuracy per dataset (dots) and their mean (bars)", fontsize=10)
     return fig
 
 
