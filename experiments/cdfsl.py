@@ -2,6 +2,7 @@
 
     MEDMETA_SOURCE_DIR=../shared/data/medmnist python experiments/cdfsl.py --target retina --sources available
     MEDMETA_SOURCE_DIR=../shared/data/medmnist python experiments/cdfsl.py --target all --sources available
+    python experiments/cdfsl.py --medimeta DIR --target dr_regular:dr_level --sources available
 
 Pretrains on every allowed source subset (all except the target and its exclusion groups),
 adapts each method to the same stored 5-shot episodes of the target, and writes
@@ -9,7 +10,8 @@ results.json, results.csv, summary.csv, results.png and TensorBoard logs under -
 several targets (--target all, or a comma list) or seeds, one job per (target, seed) runs here
 (--launcher local) or on SLURM (--launcher slurm) and table.{json,csv,md,png} combines them.
 Methods: built-in names (scratch, pretrained, imagenet, checkpoint, mmpt, maml), init+rule pairs
-(mmpt+linear, scratch+knn, ...) or package.module:ClassName for your own.
+(mmpt+linear, scratch+knn, ...) or package.module:ClassName for your own. With --medimeta DIR,
+MedIMeta's tasks (DATASET:TASK) are targets and sources too; a target's whole dataset is left out.
 """
 from __future__ import annotations
 
@@ -38,8 +40,8 @@ DEBUG_ENV = "MEDMETA_DEBUG"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (flags left out leave the config unchanged)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target", help="target subset (retina, breast, nodule3d, ...), a comma list, or 'all' "
-                                         "(every subset present)")
+    parser.add_argument("--target", help="target subset (retina, breast, nodule3d, ...; with --medimeta, "
+                                         "DATASET:TASK), a comma list, or 'all' (every subset present)")
     parser.add_argument("--seeds", type=seed_list,
                         help="comma list of seeds (pretraining, heads): one run per seed, mean and sd across seeds")
     parser.add_argument("--launcher", choices=get_args(Launcher), default="local",
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", help="store folder (default $MEDMETA_ROOT or ~/.medmeta)")
     parser.add_argument("--source-dir", help=f"folder with official npz files (or ${SOURCE_DIR_ENV})")
     parser.add_argument("--manifest", action="append", help=f"a manifest of your own datasets (repeatable; or ${MANIFEST_ENV})")
+    parser.add_argument("--medimeta", action="append", metavar="DIR",
+                        help="a MedIMeta data path (the folder holding its dataset folders): its tasks are targets "
+                             "and sources as DATASET:TASK (repeatable)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config key, e.g. --set pretrain.steps=500")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this run (default: torch's, one per core); "
@@ -117,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             if distributed.is_main():
                 print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return None
-        manifest = load_manifest(args.manifest)
+        manifests = [*(args.manifest or []), *(args.medimeta or [])]
+        manifest = load_manifest(manifests)
         source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
         targets = comma_list(args.target) if args.target else [config.target]
         if targets == [config.target] and not args.seeds and args.launcher == "local":
@@ -125,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             job: Protocol | Sweep = Protocol(config, out, root=args.root, manifest=manifest, source_dir=source_dir)
         else:
             job = Sweep(config, targets, args.seeds or [config.seed], Path(args.out or "runs/cdfsl/sweep"),
-                        root=args.root, source_dir=source_dir, manifests=tuple(args.manifest or ()))
+                        root=args.root, source_dir=source_dir, manifests=tuple(manifests))
         if warning and distributed.is_main():  # every input is valid: the work starts now
             print(warning, file=sys.stderr)
         return job.run() if isinstance(job, Protocol) else job.run(args.launcher, wait=not args.no_wait)

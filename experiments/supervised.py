@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--root", help="store folder (default $MEDMETA_ROOT or ~/.medmeta)")
     parser.add_argument("--source-dir", help=f"folder with official npz files (or ${SOURCE_DIR_ENV})")
     parser.add_argument("--manifest", action="append", help=f"a manifest of your own datasets (or ${MANIFEST_ENV})")
+    parser.add_argument("--medimeta", action="append", metavar="DIR",
+                        help="a MedIMeta data path (the folder holding its dataset folders): its tasks are datasets "
+                             "here as DATASET:TASK (repeatable)")
     parser.add_argument("--out", help="output folder (default runs/supervised)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     parser.add_argument("--combine", nargs="+", metavar="DIR",
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             config = load_settings(BaselineConfig, args.config, CONFIGS, overrides, sets)
             runs.append(Baselines(config, out / arch if len(archs) > 1 else out, root=args.root,
                                   source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV),
-                                  manifest=load_manifest(args.manifest), published=CONFIGS / "published_baselines.yaml"))
+                                  manifest=load_manifest([*(args.manifest or []), *(args.medimeta or [])]),
+                                  published=CONFIGS / "published_baselines.yaml"))
         if warning:
             print(warning, file=sys.stderr)
         results = [b.run() for b in runs]

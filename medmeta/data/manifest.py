@@ -10,11 +10,19 @@ merged with the bundled one. Its subsets become tasks, targets and sources like 
 subset; its ``exclusion_groups`` add groups, or add members to a group of the same name. A
 user subset's ``url`` may be ``null``; its npz file is looked up next to the manifest that
 names it, then in ``--source-dir``.
+
+MedIMeta's own datasets: a MedIMeta data path (a folder, where a manifest file is expected:
+``--medimeta DIR``, ``--manifest DIR`` or in ``MEDMETA_MANIFEST``) is read as a manifest of one
+subset per (dataset, task), named ``dataset:task`` (``medimeta_manifest``; the layout and how it
+maps to subsets: ``medmeta.data.medimeta``). Each dataset is an exclusion group of its tasks (a
+target's own dataset is left out whole), each pair of datasets its ``info.yaml`` says share a
+domain or subjects is one too, and an exclusion group's ``medimeta`` list joins MedIMeta datasets
+to it by id (the bundled manifest joins those holding a MedMNIST subset's images or domain).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
@@ -23,6 +31,7 @@ import yaml
 
 from ..errors import ConfigError, ManifestError
 from ..tasktype import TaskType
+from .medimeta import IMAGES_FILE, MedIMetaDataset, MedIMetaTask, read_data_path, slug
 
 SPLITS = ("train", "val", "test")
 ImageSize = Literal[28, 64, 128, 224]
@@ -59,8 +68,21 @@ class SubsetInfo:
     citation: str
     files: Mapping[int, FileInfo]
     home: Path | None = None
-    """Folder of the user manifest that defined this subset (its npz files may lie there);
-    None for the bundled MedMNIST subsets."""
+    """Folder of the user manifest that defined this subset (its npz files may lie there), or of
+    its MedIMeta dataset; None for the bundled MedMNIST subsets."""
+    file_stem: str | None = None
+    """Name of the store file (before ``_<size>.h5``) when several subsets share one (a MedIMeta
+    dataset's tasks); None: the subset's name."""
+    labels_key: str = "labels"
+    """The dataset under each split of the store file that holds this subset's labels."""
+    medimeta: str | None = None
+    """The MedIMeta dataset id this subset is a task of (its store file is built from that
+    dataset's folder, ``home``); None for a subset built from npz files."""
+
+    @property
+    def stem(self) -> str:
+        """Name of the subset's store files, before ``_<size>.h5``."""
+        return self.file_stem or self.name
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -92,12 +114,16 @@ class Manifest:
     subsets: Mapping[str, SubsetInfo]
     exclusion_groups: Mapping[str, tuple[str, ...]]
     path: Path
+    medimeta_groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per exclusion group, the MedIMeta dataset ids whose tasks join it (``with_medimeta_groups``)."""
 
     def resolve(self, name: str) -> str:
-        """Map a full or short subset name (``retina``, ``nodule3d``) to the full name."""
+        """Map a full or short subset name (``retina``, ``nodule3d``, ``dr_regular:DR level``) to the
+        full name (a MedIMeta task's name is matched as ``slug`` spells each part)."""
         key = name.strip().lower()
-        if key in self.subsets:
-            return key
+        for candidate in (key, ":".join(slug(part) for part in key.split(":"))):
+            if candidate in self.subsets:
+                return candidate
         for sub in self.subsets.values():
             if key == sub.short_name or key + "mnist" == sub.name:
                 return sub.name
@@ -212,10 +238,27 @@ def parse_manifest(raw: Any, path: Path, home: Path | None = None) -> Manifest:
     groups_raw = raw.get("exclusion_groups") or {}
     if not isinstance(groups_raw, dict):
         raise ManifestError(f"{path}: field 'exclusion_groups' should be a mapping of groups")
-    groups = {group: tuple(_require(f"exclusion_groups.{group}", body or {}, "members", list))
-              for group, body in groups_raw.items()}
-    manifest = Manifest(str(raw.get("version", "unknown")), subsets, groups, path)
+    groups, medimeta = {}, {}
+    for group, body in groups_raw.items():
+        where = f"exclusion_groups.{group}"
+        ids = (body or {}).get("medimeta", [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ManifestError(f"manifest entry {where!r}: field 'medimeta' should be a list of MedIMeta dataset ids")
+        groups[group] = tuple(_require(where, body or {}, "members", list) if not ids or "members" in body else [])
+        if ids:
+            medimeta[group] = tuple(ids)
+    manifest = Manifest(str(raw.get("version", "unknown")), subsets, groups, path, medimeta)
     return manifest if home is not None else _check_groups(manifest)
+
+
+def with_medimeta_groups(manifest: Manifest) -> Manifest:
+    """``manifest`` with the tasks of the MedIMeta datasets each group's ``medimeta`` list names
+    added to the group's members (datasets not loaded add nothing)."""
+    groups = dict(manifest.exclusion_groups)
+    for group, ids in manifest.medimeta_groups.items():
+        tasks = [name for name, sub in manifest.subsets.items() if sub.medimeta in ids]
+        groups[group] = tuple(dict.fromkeys([*groups.get(group, ()), *tasks]))
+    return replace(manifest, exclusion_groups=groups)
 
 
 def _check_groups(manifest: Manifest) -> Manifest:
@@ -227,8 +270,39 @@ def _check_groups(manifest: Manifest) -> Manifest:
     return manifest
 
 
+def medimeta_manifest(path: Path) -> Manifest:
+    """A MedIMeta data path as a manifest (see the module docstring and ``medmeta.data.medimeta``)."""
+    datasets = read_data_path(path)
+    subsets: dict[str, SubsetInfo] = {}
+    groups: dict[str, tuple[str, ...]] = {}
+    tasks_of: dict[str, list[str]] = {}
+    for d in datasets:
+        files = {size: FileInfo(size, IMAGES_FILE, None, d.digest) for size in d.sizes}
+        for task in d.tasks:
+            subsets[d.subset_name(task)] = _medimeta_subset(d, task, files)
+        tasks_of[d.id] = [d.subset_name(t) for t in d.tasks]
+        groups[f"medimeta:{d.id}"] = tuple(tasks_of[d.id])
+    for d in datasets:
+        for other in d.overlaps:
+            if other in tasks_of:
+                a, b = sorted((d.id, other))
+                groups[f"medimeta:{a}~{b}"] = (*tasks_of[a], *tasks_of[b])
+    return Manifest(f"medimeta:{Path(path).name}", subsets, groups, Path(path))
+
+
+def _medimeta_subset(d: MedIMetaDataset, task: MedIMetaTask, files: dict[int, FileInfo]) -> SubsetInfo:
+    name = d.subset_name(task)
+    return SubsetInfo(name=name, short_name=name, dims=2, channels=d.channels, task_type=task.task_type,
+                      labels=task.labels, splits=dict(d.splits), modality=d.domain, domain=d.domain,
+                      source_dataset=f"MedIMeta {d.id} ({d.name})", license=d.license,
+                      citation=d.citation, files=files, home=d.folder,
+                      file_stem=d.stem, labels_key=f"labels/{task.key}", medimeta=d.id)
+
+
 def merge_manifests(base: Manifest, extra: Manifest) -> Manifest:
-    """``base`` plus the subsets and exclusion groups of a user manifest (see the module docstring)."""
+    """``base`` plus the subsets and exclusion groups of a user manifest (see the module docstring).
+    Groups are checked once every manifest is merged (``load_manifest``): a user manifest's group
+    may name the tasks of a MedIMeta folder merged after it."""
     shorts = {s.short_name: s.name for s in base.subsets.values()}
     for name, sub in extra.subsets.items():
         if name in base.subsets:
@@ -237,11 +311,13 @@ def merge_manifests(base: Manifest, extra: Manifest) -> Manifest:
         if sub.short_name in shorts:
             raise ManifestError(f"{extra.path}: manifest entry {name!r}: short_name {sub.short_name!r} is taken by "
                                 f"{shorts[sub.short_name]!r}; choose another")
-    groups = dict(base.exclusion_groups)
+    groups, medimeta = dict(base.exclusion_groups), dict(base.medimeta_groups)
     for group, members in extra.exclusion_groups.items():
         groups[group] = tuple(dict.fromkeys([*groups.get(group, ()), *members]))
-    merged = Manifest(f"{base.version}+{extra.path.name}", {**base.subsets, **extra.subsets}, groups, extra.path)
-    return _check_groups(merged)
+    for group, ids in extra.medimeta_groups.items():
+        medimeta[group] = tuple(dict.fromkeys([*medimeta.get(group, ()), *ids]))
+    return Manifest(f"{base.version}+{extra.path.name}", {**base.subsets, **extra.subsets}, groups, extra.path,
+                    medimeta)
 
 
 @lru_cache(maxsize=16)
@@ -257,6 +333,9 @@ def _load_one(path: Path, mtime: float, user: bool) -> Manifest:
 
 
 def _read(path: Path, user: bool) -> Manifest:
+    """A manifest file, or a MedIMeta data path (a folder)."""
+    if path.is_dir():
+        return medimeta_manifest(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} not found")
     return _load_one(path.resolve(), path.stat().st_mtime, user)
@@ -264,7 +343,8 @@ def _read(path: Path, user: bool) -> Manifest:
 
 def load_manifest(extra: str | Path | Iterable[str | Path] | None = None, base: str | Path | None = None) -> Manifest:
     """The bundled manifest (or ``base``) merged with user manifests: ``extra`` (a path or several)
-    and those named in ``$MEDMETA_MANIFEST`` (joined with the OS path separator)."""
+    and those named in ``$MEDMETA_MANIFEST`` (joined with the OS path separator); a folder among
+    them is a MedIMeta data path."""
     manifest = _read(Path(base) if base is not None else DEFAULT_MANIFEST, user=base is not None)
     if extra is None:
         extras: list[str | Path] = []
@@ -281,4 +361,4 @@ def load_manifest(extra: str | Path | Iterable[str | Path] | None = None, base: 
             continue
         seen.add(resolved)
         manifest = merge_manifests(manifest, _read(resolved, user=True))
-    return _check_groups(manifest)
+    return _check_groups(with_medimeta_groups(manifest))

@@ -1,7 +1,11 @@
 """The HDF5 multi-task store: one verified file per (subset, size) under a root folder.
 
 Layout: ``{root}/store/{subset}_{size}.h5`` holds ``{split}/images`` and ``{split}/labels``
-(uint8, the npz layout) and provenance attributes; ``{root}/downloads`` caches npz files.
+(uint8, the npz layout) and provenance attributes; ``{root}/downloads`` caches npz files. A
+MedIMeta dataset's tasks share ``{root}/store/medimeta-{id}_{size}.h5``: ``{split}/images`` once
+and ``{split}/labels/{task}`` per task (``SubsetInfo.file_stem`` and ``labels_key``), built from
+the dataset's folder instead of an npz file (``medmeta.data.medimeta``), with the same chunks,
+checksums and atomic writes.
 
 Images are chunked so that one chunk holds roughly ``CHUNK_BYTES`` of whole images: a
 224px RGB image is its own chunk, so a random read decompresses one image and memory stays
@@ -14,7 +18,8 @@ Corruption is never read silently: every chunk carries HDF5's Fletcher-32 checks
 by HDF5 on each read, and each dataset's MD5 is recorded at build time. Labels are small, so
 opening a task checks their MD5 whole; a damaged image chunk fails its checksum when read.
 Either way the reader stops with one line naming the file and how to rebuild it
-(``medmeta prepare NAME --force``, from ``--source-dir`` or the download cache), and
+(``medmeta prepare NAME --force``, from ``--source-dir``, the download cache or the MedIMeta
+folder), and
 ``is_built`` treats a file with damaged labels as not built, so the next build repairs it.
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterable
 
 import h5py
 import numpy as np
@@ -33,7 +39,8 @@ from .._version import __version__
 from ..errors import StoreError
 from ..files import atomic_path, ensure_folder
 from .fetch import fetch, iter_npz_rows, npz_array_shape
-from .manifest import SPLITS, Manifest, load_manifest
+from .manifest import SPLITS, Manifest, SubsetInfo, load_manifest
+from .medimeta import iter_images, read_contents, read_dataset
 
 ROOT_ENV = "MEDMETA_ROOT"
 FORMAT_VERSION = 2
@@ -66,10 +73,24 @@ class Entry:
     """Empty when the file reads and its labels match their recorded MD5; else what is wrong."""
 
 
-def rebuild_hint(short_name: str, size: int) -> str:
+def prepare_command(info: SubsetInfo, size: int) -> str:
+    """The command that builds a subset's store file at ``size``."""
+    if info.medimeta is not None and info.home is not None:
+        return f"medmeta prepare --medimeta {info.home.parent} {info.medimeta} --size {size}"
+    return f"medmeta prepare {info.short_name} --size {size}"
+
+
+def rebuild_hint(info: SubsetInfo, size: int) -> str:
     """What to tell a user whose store file is missing or corrupt."""
-    return (f"rebuild it with `medmeta prepare {short_name} --size {size} --force` (from --source-dir or the "
-            "download cache, or downloaded again)")
+    origin = ("from its MedIMeta folder" if info.medimeta is not None
+              else "from --source-dir or the download cache, or downloaded again")
+    return f"rebuild it with `{prepare_command(info, size)} --force` ({origin})"
+
+
+def label_datasets(fh: h5py.File, split: str) -> list[h5py.Dataset]:
+    """Every labels dataset of a split: ``{split}/labels``, or each task's under that group."""
+    node = fh[f"{split}/labels"]
+    return [node] if isinstance(node, h5py.Dataset) else [node[k] for k in sorted(node)]
 
 
 def open_store_file(path: Path) -> h5py.File:
@@ -82,12 +103,13 @@ def open_store_file(path: Path) -> h5py.File:
 
 
 def labels_problem(fh: h5py.File) -> str:
-    """Empty if every split's labels match their recorded MD5 (cheap: labels are small), else what differs."""
+    """Empty if every split's labels (each task's) match their recorded MD5 (cheap: labels are
+    small), else what differs."""
     try:
         for split in SPLITS:
-            dset = fh[f"{split}/labels"]
-            if _dataset_md5(dset) != dset.attrs.get("md5"):
-                return f"{split}/labels differ from their recorded MD5"
+            for dset in label_datasets(fh, split):
+                if _dataset_md5(dset) != dset.attrs.get("md5"):
+                    return f"{dset.name.lstrip('/')} differ from their recorded MD5"
     except (OSError, KeyError) as exc:
         return f"labels unreadable ({' '.join(str(exc).split())})"
     return ""
@@ -103,24 +125,22 @@ class Store:
 
     def path(self, subset: str, size: int, must_exist: bool = False) -> Path:
         """Where a subset's store file at ``size`` lives (refused when ``must_exist`` and it is not built)."""
-        subset = self.manifest.resolve(subset)
-        self.manifest[subset].file(size)
-        path = self.store_dir / f"{subset}_{size}.h5"
+        info = self.manifest[subset]
+        info.file(size)
+        path = self.store_dir / f"{info.stem}_{size}.h5"
         if must_exist and not path.is_file():
-            raise StoreError(
-                f"{subset} at {size}px is not built in {self.root}; run "
-                f"`medmeta prepare {self.manifest[subset].short_name} --size {size} --root {self.root}`"
-            )
+            raise StoreError(f"{info.name} at {size}px is not built in {self.root}; run "
+                             f"`{prepare_command(info, size)} --root {self.root}`")
         return path
 
     def built(self) -> list[tuple[str, int]]:
         """(subset, size) pairs with a finished store file, in manifest order."""
         return [(name, size) for name, info in self.manifest.subsets.items() for size in info.sizes
-                if (self.store_dir / f"{name}_{size}.h5").is_file()]
+                if (self.store_dir / f"{info.stem}_{size}.h5").is_file()]
 
     def present(self, subset: str, size: int, source_dir: str | Path | None = None) -> bool:
         """Whether (subset, size) is here without a download: built, or its file in ``source_dir`` or
-        next to the user manifest that names it."""
+        next to the user manifest that names it (a MedIMeta task: in its dataset's folder)."""
         info = self.manifest[subset]
         if size not in info.files:
             return False
@@ -143,15 +163,19 @@ class Store:
 
     def build(self, subset: str, size: int = 28, source_dir: str | Path | None = None,
               download: bool = True, force: bool = False) -> Path:
-        """Fetch, verify and convert one official npz; skip when already built (unless ``force``).
+        """Fetch, verify and convert one official npz (or a MedIMeta dataset's folder, every task of
+        it); skip when already built (unless ``force``).
 
-        ``fetch`` refuses a file whose MD5, layout or labels (every one in the manifest's classes)
-        do not match before the temporary store file is made, so a refused build leaves nothing."""
+        ``fetch`` (``read_contents`` for MedIMeta) refuses a file whose MD5, layout or labels (every
+        one in the manifest's classes) do not match before the temporary store file is made, so a
+        refused build leaves nothing."""
         subset = self.manifest.resolve(subset)
         target = self.path(subset, size)
         if not force and self.is_built(subset, size):
             return target
         info = self.manifest[subset]
+        if info.medimeta is not None:
+            return self._build_medimeta(info, size, target)
         npz = fetch(info, size, self.download_dir, source_dir=source_dir, download=download)
         ensure_folder(self.store_dir)
         needs = sum(int(np.prod(npz_array_shape(npz, f"{split}_{part}"))) for split in SPLITS
@@ -167,22 +191,54 @@ class Store:
                                      desc=f"{subset}_{size} {split} {part}")
         return target
 
+    def _build_medimeta(self, info: SubsetInfo, size: int, target: Path) -> Path:
+        """One store file for every task of a MedIMeta dataset at ``size`` (see ``medmeta.data.medimeta``):
+        the folder as it is now, checked whole before the temporary file is made."""
+        assert info.home is not None  # a MedIMeta subset's folder (manifest.medimeta_manifest)
+        dataset = read_dataset(info.home)
+        contents = read_contents(dataset)
+        ensure_folder(self.store_dir)
+        image_bytes = int(np.prod(dataset.image_shape(size)))
+        needs = sum(len(i) * (image_bytes + sum(lab.shape[1] for lab in contents.labels.values()))
+                    for i in contents.indices.values()) + 2**20
+        with atomic_path(target, needs_bytes=needs) as tmp, h5py.File(tmp, "w") as fh:
+            fh.attrs.update(subset=dataset.id, tasks=[dataset.subset_name(t) for t in dataset.tasks], size=size,
+                            source_file=str(dataset.folder), source_md5=dataset.digest,
+                            manifest_version=self.manifest.version, medmeta_version=__version__,
+                            format_version=FORMAT_VERSION,
+                            built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            for split in SPLITS:
+                indices = contents.indices[split]
+                self._write_array(fh, f"{split}/images", (len(indices), *dataset.image_shape(size)),
+                                  iter_images(dataset, indices, size), f"{info.stem}_{size} {split} images")
+                for key, labels in contents.labels.items():
+                    self._write_array(fh, f"{split}/labels/{key}", (len(indices), labels.shape[1]), [labels[indices]])
+        return target
+
     @staticmethod
     def _copy_array(npz: Path, key: str, fh: h5py.File, name: str, desc: str) -> None:
-        """Stream one npz array into a chunked dataset, recording the MD5 of its bytes."""
+        """Stream one npz array into a chunked dataset (``_write_array``)."""
         total, *row_shape = npz_array_shape(npz, key)
         rows = max(1, BUILD_BLOCK_BYTES // max(1, int(np.prod(row_shape))))
-        is_images = key.endswith("images")
+        Store._write_array(fh, name, (total, *row_shape), iter_npz_rows(npz, key, rows_per_block=rows), desc)
+
+    @staticmethod
+    def _write_array(fh: h5py.File, name: str, shape: tuple[int, ...], blocks: Iterable[np.ndarray],
+                     desc: str | None = None) -> None:
+        """Write uint8 blocks of rows into a chunked, checksummed dataset (images: whole images a
+        chunk, LZF), recording the MD5 of its bytes."""
+        total, *row_shape = shape
+        is_images = name.endswith("images")
         dset = fh.create_dataset(
-            name, shape=(total, *row_shape), dtype=np.uint8,
-            chunks=(min(total, chunk_rows(row_shape)), *row_shape) if is_images else True,
+            name, shape=shape, dtype=np.uint8,
+            chunks=(min(total, chunk_rows(tuple(row_shape))), *row_shape) if is_images else True,
             compression="lzf" if is_images else None, fletcher32=True)
         digest = hashlib.md5()
         start = 0
-        with tqdm(total=total, desc=desc, unit="img", leave=False, disable=None) as bar:
-            for block in iter_npz_rows(npz, key, rows_per_block=rows):
+        with tqdm(total=total, desc=desc, unit="img", leave=False, disable=None if desc else True) as bar:
+            for block in blocks:
                 dset[start:start + len(block)] = block
-                digest.update(block.tobytes())
+                digest.update(np.ascontiguousarray(block).tobytes())
                 start += len(block)
                 bar.update(len(block))
         dset.attrs["md5"] = digest.hexdigest()
@@ -193,7 +249,7 @@ class Store:
         subset = self.manifest.resolve(subset)
         info = self.manifest[subset]
         path = self.path(subset, size, must_exist=True)
-        problem = f"{path}: %s; {rebuild_hint(info.short_name, size)}"
+        problem = f"{path}: %s; {rebuild_hint(info, size)}"
         try:
             fh = h5py.File(path, "r")
         except OSError as exc:
@@ -203,20 +259,21 @@ class Store:
                 raise StoreError(problem % "built from a file other than the one the manifest names")
             counts = {}
             for split in SPLITS:
-                for part, shape in (("images", info.image_shape(size)), ("labels", (info.label_width(),))):
+                for part, shape in (("images", info.image_shape(size)), (info.labels_key, (info.label_width(),))):
                     if f"{split}/{part}" not in fh:
                         raise StoreError(problem % f"missing dataset {split}/{part}")
                     dset = fh[f"{split}/{part}"]
                     if dset.shape != (info.splits[split], *shape):
                         raise StoreError(problem % f"{split}/{part} has shape {dset.shape}, expected "
                                          f"{(info.splits[split], *shape)}")
+                for dset in [fh[f"{split}/images"], *label_datasets(fh, split)]:
                     try:
                         digest = _dataset_md5(dset)
                     except OSError as exc:  # a chunk fails its checksum or does not decompress
-                        raise StoreError(problem % f"{split}/{part} is unreadable ({' '.join(str(exc).split())})"
-                                         ) from None
+                        raise StoreError(problem % f"{dset.name.lstrip('/')} is unreadable "
+                                         f"({' '.join(str(exc).split())})") from None
                     if digest != dset.attrs.get("md5"):
-                        raise StoreError(problem % f"{split}/{part} content does not match its recorded MD5")
+                        raise StoreError(problem % f"{dset.name.lstrip('/')} content does not match its recorded MD5")
                 counts[split] = info.splits[split]
             return Entry(subset, size, counts, str(fh.attrs["source_md5"]), str(fh.attrs["built_at"]), path)
 
@@ -225,9 +282,10 @@ class Store:
         entries = []
         for subset, size in self.built():
             path = self.path(subset, size)
+            key = self.manifest[subset].labels_key
             try:
                 with h5py.File(path, "r") as fh:
-                    counts = {split: int(fh[f"{split}/labels"].shape[0]) for split in SPLITS}
+                    counts = {split: int(fh[f"{split}/{key}"].shape[0]) for split in SPLITS}
                     problem = labels_problem(fh)
                     entries.append(Entry(subset, size, counts, str(fh.attrs.get("source_md5")),
                                          str(fh.attrs.get("built_at")), path, problem))

@@ -1,9 +1,10 @@
 """Tasks: what a built store subset means for learning, and a torch Dataset per (task, split).
 
 A subset becomes one task (ChestMNIST becomes one multi-label task plus 14 binary tasks,
-one per finding, with ids like ``chestmnist:effusion``). ``MedMNISTTask`` reads images
-from the HDF5 store, opening the file lazily in each process so it is safe with
-DataLoader workers, or holds the whole split in memory for small image sizes.
+one per finding, with ids like ``chestmnist:effusion``; a MedIMeta task is a subset named
+``dataset:task``, a multi-label one split alike: ``cxr:disease_labels:Effusion``).
+``MedMNISTTask`` reads images from the HDF5 store, opening the file lazily in each process so it
+is safe with DataLoader workers, or holds the whole split in memory for small image sizes.
 """
 from __future__ import annotations
 
@@ -68,9 +69,15 @@ def describe_subset(info: SubsetInfo, size: int) -> list[TaskDescription]:
 
 
 def find_task(task_id: str, size: int = 28, manifest: Manifest | None = None) -> TaskDescription:
-    """Look up a task by id; the subset part may be a short name (``retina``, ``chest:effusion``)."""
+    """Look up a task by id; the subset part may be a short name (``retina``, ``chest:effusion``).
+    An id that names a subset whole (``dr_regular:dr_level``, a MedIMeta task) is that subset's task."""
     manifest = manifest or load_manifest()
-    subset_part, _, finding = task_id.partition(":")
+    try:
+        subset_part, finding = manifest.resolve(task_id), ""
+    except ConfigError:
+        if ":" not in task_id:
+            raise
+        subset_part, _, finding = task_id.rpartition(":")
     info = manifest[subset_part]
     wanted = info.name + (f":{finding}" if finding else "")
     for task in describe_subset(info, size):
@@ -116,7 +123,8 @@ class MedMNISTTask(Dataset):
             if problem:
                 raise OSError(problem)  # reported as corruption below
             images = [fh[f"{part}/images"] for part in self._parts]
-            raw_labels = np.concatenate([fh[f"{part}/labels"][()] for part in self._parts])
+            key = self.store.manifest[self.task.subset].labels_key
+            raw_labels = np.concatenate([fh[f"{part}/{key}"][()] for part in self._parts])
             nbytes = sum(d.size * d.dtype.itemsize for d in images)
             keep = in_memory or (in_memory is None and nbytes <= AUTO_IN_MEMORY_BYTES)
             self._images: np.ndarray | None = np.concatenate([d[()] for d in images]) if keep else None
@@ -145,7 +153,7 @@ class MedMNISTTask(Dataset):
             reason = " ".join(str(exc).split())
             info = self.store.manifest[self.task.subset]
             raise StoreError(f"{self.path} is corrupt: a read failed its checksum or could not be decoded ({reason}); "
-                             f"{rebuild_hint(info.short_name, self.task.size)}") from None
+                             f"{rebuild_hint(info, self.task.size)}") from None
 
     def _datasets(self) -> list[h5py.Dataset]:
         """The image datasets of the split(s), opened lazily once per process (fork-safe for workers)."""
