@@ -163,3 +163,17 @@ def test_the_bn_mode_table_runs_every_mode_and_collects_it_again(synthetic: Synt
     assert len(list((tmp_path / "bn" / "pretrained").glob("mmpt-*"))) == 1  # trained once for every mode
     assert bn_modes.main([*args, "--collect"])["rows"] == doc["rows"]
     assert "| toyclass | mmpt+linear |" in (tmp_path / "bn" / "table.md").read_text()
+
+
+def test_bn_is_keyword_only_so_rule_settings_keep_their_positions() -> None:
+    from dataclasses import dataclass
+
+    from medmeta.methods import FrozenFeatureRule
+
+    assert LinearProbe(0.5).c == 0.5 and KNN(3).k == 3 and Prototypes("cosine").metric == "cosine"
+
+    @dataclass
+    class Mine(FrozenFeatureRule):
+        temperature: float
+
+    assert Mine(2.0).temperature == 2.0 and Mine(2.0, bn="own").bn == "own"

@@ -238,3 +238,74 @@ def test_repeated_seeds_are_refused_by_cdfsl_and_a_sweep(tmp_path: Path, capsys)
     assert info.value.code == 2 and "seeds must be distinct; 0 is given twice" in err.strip().splitlines()[-1]
     with pytest.raises(ValueError, match="give distinct seeds"):
         Sweep(tiny_config(), ["retina"], [1, 1], tmp_path / "sweep", root=str(tmp_path / "root"))
+
+
+def test_repeated_episode_indices_are_refused(synthetic: Synthetic, tmp_path: Path) -> None:
+    run(synthetic, tmp_path, "out", ["scratch+proto"])
+    path = episode_file(tmp_path, "out")
+    doc = json.loads(path.read_text())
+    del doc["digest"]
+    doc["episodes"][1]["index"] = doc["episodes"][0]["index"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(EpisodeError, match="episode index 0 is used by more than one episode"):
+        load_episode_set(path)
+
+
+def test_a_weights_file_keys_only_the_methods_that_load_it(tmp_path: Path) -> None:
+    import torch
+
+    from medmeta.evaluation.protocol import model_identity
+    from medmeta.learning.models import ModelConfig, build_backbone
+    from medmeta.methods import MMPT, Pretrained, Scratch
+    from medmeta.learning.pretrain import PretrainConfig
+
+    weights = tmp_path / "w.pth"
+    torch.save(build_backbone("resnet18").state_dict(), weights)
+    plain, with_file = ModelConfig(), ModelConfig(weights=str(weights))
+    for init in (Scratch(), MMPT()):  # do not load it: --weights for another method retrains nothing here
+        assert model_identity(with_file, init) == model_identity(plain, init)
+    for init in (Pretrained(), MMPT(PretrainConfig(init="pretrained"))):
+        first = model_identity(with_file, init)
+        assert "weights_sha256" in first and str(weights) not in json.dumps(first)
+        moved = tmp_path / "moved.pth"
+        moved.write_bytes(weights.read_bytes())
+        assert model_identity(ModelConfig(weights=str(moved)), init) == first  # by content, not path
+
+
+def test_a_sweep_reruns_a_job_whose_weights_file_was_replaced(synthetic: Synthetic, tmp_path: Path) -> None:
+    import torch
+
+    from medmeta.evaluation.sweep import Sweep
+    from medmeta.learning.models import build_backbone
+
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(build_backbone("test_resnet").state_dict(), weights)
+    cfg = tiny_config(target="toyclass", methods=["pretrained+proto"], sources="available",
+                      **{**FAST, "model.arch": "test_resnet", "model.weights": str(weights)})
+
+    def sweep() -> dict:
+        return Sweep(cfg, ["toyclass"], [0], tmp_path / "sweep", root=str(tmp_path / "root"),
+                     source_dir=str(synthetic.source_dir), manifests=(str(synthetic.manifest_path),)).run()
+
+    first = sweep()
+    torch.manual_seed(1)
+    torch.save(build_backbone("test_resnet").state_dict(), weights)  # same path, other weights
+    second = sweep()
+    assert first["table"][0]["auroc"] != second["table"][0]["auroc"]
+
+
+def test_a_backbone_moved_or_cast_counts_as_changed() -> None:
+    from medmeta.learning.models import changed_state, state_snapshot
+
+    net = torch_nn().double()
+    snapshot = state_snapshot(net)
+    assert changed_state(net, snapshot) == []
+    net.float()
+    assert changed_state(net, snapshot) == ["bias", "weight"]
+
+
+def torch_nn():
+    from torch import nn
+
+    return nn.Linear(2, 2)

@@ -90,7 +90,8 @@ class EpisodeSet:
     def digest(self) -> str:
         """A hash of the set's content (every episode's ``episode_digest``, in order): what caches and
         results key the episodes by."""
-        return hashlib.sha256(json.dumps(list(self.episode_digests().items())).encode()).hexdigest()[:16]
+        content = [episode_digest(s, self.size) for s in self.specs]
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
 
     def check(self, dataset: EpisodeSource) -> None:
         """Raise EpisodeError unless ``dataset`` is the task, size, split and data of this set."""
@@ -152,6 +153,9 @@ def load_episode_set(path: str | Path) -> EpisodeSet:
                         frozen(np.asarray(e["support"], dtype=np.int64)),
                         frozen(np.asarray(e["query"], dtype=np.int64)))
             for e in doc["episodes"])
+        twice = sorted({s.index for s in specs if sum(t.index == s.index for t in specs) > 1})
+        if twice:  # results are keyed by episode index: two episodes under one would be paired as one
+            raise ValueError(f"episode index {twice[0]} is used by more than one episode; give each its own index")
         stored = EpisodeSet(task_id, int(doc["size"]), split, int(doc["n_samples"]), int(doc["labels_crc32"]),
                             seed, dict(doc["sampler"]), specs)
         claimed = doc.get("digest")

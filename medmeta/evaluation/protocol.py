@@ -39,7 +39,7 @@ from ..episodes import Episode, EpisodeSampler, EpisodeSet, load_episode_set, ma
 from ..errors import ConfigError, EpisodeError, MethodError, PluginError
 from ..files import file_digest, locked, read_cache, write_text_atomic
 from ..learning.finetune import source_statistics
-from ..learning.models import ARCHS, changed_state, has_batchnorm, state_snapshot
+from ..learning.models import ARCHS, ModelConfig, changed_state, has_batchnorm, state_snapshot
 from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device, resolved_precision
 from ..methods import AdaptationRule, InitContext, Initialisation, Method, Sources
 from ..methods.base import plugin_errors, user_module
@@ -196,9 +196,9 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
     method, or in rank 0's ``on_chunk``) is raised on every rank at the next gather instead of
     leaving the others waiting.
 
-    After the last episode the backbone must be bit for bit what it was (parameters and
-    buffers): a rule that changed it raises ``BackboneChanged`` instead of returning results
-    that depend on the order episodes ran in, and before the last chunk is saved.
+    After every chunk the backbone must be bit for bit what it was (parameters and buffers, on
+    the same device): a rule that changed it raises ``BackboneChanged`` on every rank instead of
+    returning results that depend on the order episodes ran in, before that chunk is saved.
     """
     wanted = list(range(len(target.episodes)) if episodes is None else episodes)
     indices = {target.episodes[p].index for p in wanted}
@@ -214,7 +214,7 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
             mine: list[dict[str, float]] = []
             failure: BaseException | None = None
             try:
-                changed = changed_state(backbone, before) if r == rounds else []
+                changed = changed_state(backbone, before) if r > 0 else []
                 if changed:
                     raise BackboneChanged(
                         f"{_rule_named(method)} changed the backbone it was given ({len(changed)} of its tensors, "
@@ -232,7 +232,8 @@ def evaluate_method(method: Method, backbone: nn.Module, target: Target, seed: i
                 raise failure
             elsewhere = [f for f, _ in gathered if f is not None]
             if elsewhere:
-                raise MethodError(f"another process failed while adapting {method.name}: {elsewhere[0]}")
+                kind = BackboneChanged if elsewhere[0].startswith(f"{BackboneChanged.__name__}:") else MethodError
+                raise kind(f"another process failed while adapting {method.name}: {elsewhere[0]}")
             new = [x for _, part in gathered for x in part]
             per_episode.extend(new)
             if new:
@@ -247,15 +248,32 @@ def _without_training_keys(obj: Any) -> Any:
     return obj
 
 
+def model_identity(model: ModelConfig, init: Initialisation) -> dict[str, Any]:
+    """The model settings a result depends on: the weights file by its content's SHA-256 where
+    the initialisation loads one (``Initialisation.weights_file``), never by its path, and not at
+    all where it loads none (so ``--weights`` for one method retrains no other)."""
+    identity = {k: v for k, v in model.to_dict().items() if k != "weights"}
+    path = init.weights_file(model)
+    if path:
+        identity["weights_sha256"] = file_digest(path) if Path(path).is_file() else path
+    return identity
+
+
+def input_files(config: ExperimentConfig) -> dict[str, str | None]:
+    """The SHA-256 of every file a run's config names (weights, checkpoint, episode set): recorded
+    in results.json, so a sweep knows a finished job's files were not replaced since."""
+    return {key: file_digest(path) if path and Path(path).is_file() else path
+            for key, path in (("weights", config.model.weights), ("checkpoint", config.checkpoint),
+                              ("episodes", config.episodes.file))}
+
+
 def init_folder(pretrained: Path, method: Method, config: ExperimentConfig, dims: int, sources: list[str],
                 device: torch.device) -> Path:
     """Where an initialisation keeps its training: named by everything the training depends on."""
     settings = method.init.settings()
-    weights = config.model.weights
-    identity = {"init": _without_training_keys(settings), "model": config.model.to_dict(), "size": config.size,
-                "dims": dims, "sources": sources if method.needs_sources else [], "seed": config.seed,
-                "weights": file_digest(weights) if weights and Path(weights).is_file() else None,
-                **resolved_precision(settings, device)}
+    identity = {"init": _without_training_keys(settings), "model": model_identity(config.model, method.init),
+                "size": config.size, "dims": dims, "sources": sources if method.needs_sources else [],
+                "seed": config.seed, **resolved_precision(settings, device)}
     return pretrained / f"{settings['name']}-{stable_hash(identity)}"
 
 
@@ -323,16 +341,13 @@ class Protocol:
     def cache_key(self, method: Method, target: Target) -> str:
         """A hash of everything a method's result depends on: the episodes by their content
         (``EpisodeSet.digest``) and the labels they were drawn from; the architecture (in the model
-        settings) and a weights or checkpoint file by its content's SHA-256."""
+        settings) and the weights or checkpoint file the initialisation loads, by its content."""
         c, episodes = self.config, target.episodes
         key: dict[str, Any] = {
-            "method": method.settings(), "model": c.model.to_dict(), "size": c.size, "seed": c.seed,
-            "sources": self.sources if method.needs_sources else [],
+            "method": method.settings(), "model": model_identity(c.model, method.init), "size": c.size,
+            "seed": c.seed, "sources": self.sources if method.needs_sources else [],
             "episodes": [episodes.digest, episodes.labels_crc32],
             **resolved_precision(method.settings(), self.device)}
-        files = [file_digest(f) for f in (c.model.weights, c.checkpoint) if f and Path(f).is_file()]
-        if files:
-            key["files"] = files
         return stable_hash(key)
 
     def backbone(self, method: Method, writer: SummaryWriter | None) -> tuple[nn.Module, float]:
@@ -383,7 +398,7 @@ class Protocol:
             "target": config.target, "task": target.dataset.task.task_id, "sources": self.sources,
             "config": config.to_dict(), "seed": config.seed, "device": str(self.device),
             "processes": distributed.world_size(), "threads": torch.get_num_threads(),
-            "versions": package_versions(), "reference": config.reference,
+            "versions": package_versions(), "reference": config.reference, "inputs": input_files(config),
             "episode_set": {"task": target.episodes.task_id, "split": target.episodes.split,
                             "count": len(target.episodes), "sampler": target.episodes.sampler,
                             "seed": target.episodes.seed, "dropped": list(target.dropped),
@@ -435,6 +450,7 @@ class Protocol:
         except BackboneChanged:
             if distributed.is_main():  # what it scored depends on the changes: nothing of it is kept
                 partial.unlink(missing_ok=True)
+            self._backbones = {k: v for k, v in self._backbones.items() if v[0] is not backbone}
             raise
         done = time.perf_counter()
         if writer is not None:

@@ -35,7 +35,7 @@ from ..errors import ConfigError, MethodError
 from ..files import read_cache, write_text_atomic
 from ..settings import from_mapping, repeated
 from .config import ExperimentConfig, build_method, resolve_reference
-from .protocol import Protocol
+from .protocol import Protocol, input_files
 from .plots import save, sweep_figure
 from .results import METRICS, package_versions, write_csv
 
@@ -90,12 +90,14 @@ def job_config(config: ExperimentConfig, target: str, seed: int, dims: int) -> E
 
 
 def job_done(job: Job, config: ExperimentConfig) -> bool:
-    """Whether the job's results were written under this very config (any change reruns the job,
-    which reuses whatever of it is still valid)."""
+    """Whether the job's results were written under this very config and with these very files
+    (weights, checkpoint, episode set: by content; any change reruns the job, which reuses
+    whatever of it is still valid)."""
     results = read_cache(job.out / "results.json", "the job is run again (what it finished is reused)")
     if not isinstance(results, dict):
         return False
-    return results.get("config") == config.to_dict() and set(config.methods) <= set(results.get("methods", {}))
+    return (results.get("config") == config.to_dict() and results.get("inputs") == input_files(config)
+            and set(config.methods) <= set(results.get("methods", {})))
 
 
 def run_job(config: dict[str, Any], out: str, pretrained: str, root: str | None, source_dir: str | None,

@@ -490,8 +490,8 @@ def state_snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def changed_state(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the parameters and buffers of ``module`` that differ, bit for bit, from ``snapshot``
-    (NaN included), or that were added or removed."""
+    """Names of the parameters and buffers of ``module`` that differ from ``snapshot`` bit for bit
+    (NaN included), in shape, dtype or device, or that were added or removed."""
     state = {k: v.detach() for k, v in module.state_dict().items()}
 
     def bits(t: torch.Tensor) -> torch.Tensor:
@@ -499,5 +499,5 @@ def changed_state(module: nn.Module, snapshot: dict[str, torch.Tensor]) -> list[
 
     changed = [k for k in state.keys() & snapshot.keys()
                if state[k].shape != snapshot[k].shape or state[k].dtype != snapshot[k].dtype
-               or not torch.equal(bits(state[k]), bits(snapshot[k]))]
+               or state[k].device != snapshot[k].device or not torch.equal(bits(state[k]), bits(snapshot[k]))]
     return sorted(changed + list(state.keys() ^ snapshot.keys()))

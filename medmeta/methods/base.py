@@ -85,6 +85,11 @@ class Initialisation(ABC):
     def backbone(self, context: InitContext) -> nn.Module:
         """The backbone adaptation starts from, on ``context.device``."""
 
+    def weights_file(self, model: ModelConfig) -> str | None:
+        """The weights file this initialisation loads (its content, not its path, is part of the
+        cache keys), or None."""
+        return None
+
     def settings(self) -> dict[str, Any]:
         return {"name": self.name or type(self).__qualname__, **_settings(self)}
 

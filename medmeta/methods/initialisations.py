@@ -33,7 +33,7 @@ from ..errors import MethodError
 from ..files import torch_save_atomic, write_text_atomic
 from ..learning.maml import MAMLConfig, train_maml
 from ..learning.backbones import PRETRAINED, start_weights
-from ..learning.models import build_backbone
+from ..learning.models import ModelConfig, build_backbone
 from ..learning.pretrain import MultiTaskPretrainer, PretrainConfig
 from ..settings import Settings
 from .base import Initialisation, InitContext
@@ -69,6 +69,9 @@ class Pretrained(Settings, Initialisation):
     def backbone(self, context: InitContext) -> nn.Module:
         return random_backbone(context, weights=context.model.weights or PRETRAINED)
 
+    def weights_file(self, model: ModelConfig) -> str | None:
+        return model.weights
+
 
 @dataclass
 class ImageNet(Pretrained):
@@ -89,6 +92,9 @@ class Checkpoint(Settings, Initialisation):
             raise MethodError("the checkpoint initialisation needs a file: pass --checkpoint FILE "
                               "(or set the config key checkpoint)")
         return random_backbone(context, weights=self.path)
+
+    def weights_file(self, model: ModelConfig) -> str | None:
+        return self.path
 
 
 def save_trained(folder: Path, backbone: nn.Module, training: dict) -> None:
@@ -118,6 +124,9 @@ class MMPT(Settings, Initialisation):
             "step": trainer.step, "best_score": trainer.best_score, "history": trainer.history})
         return backbone
 
+    def weights_file(self, model: ModelConfig) -> str | None:
+        return model.weights if self.config.init == "pretrained" else None
+
 
 @dataclass
 class MAMLInit(Settings, Initialisation):
@@ -134,4 +143,7 @@ class MAMLInit(Settings, Initialisation):
                           seed=context.seed, checkpoint=context.folder / "checkpoint.pt", writer=context.writer)
         save_trained(context.folder, maml.backbone, {"seconds": maml.seconds})
         return maml.backbone
+
+    def weights_file(self, model: ModelConfig) -> str | None:
+        return model.weights if self.config.init == "pretrained" else None
 

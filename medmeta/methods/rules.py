@@ -87,7 +87,8 @@ class FrozenFeatureRule(AdaptationRule):
     query_features, episode)``. ``bn`` says where the backbone's BatchNorm statistics come from
     (``learning.finetune.frozen_features``); ``auto`` is ``DEFAULT_BN`` for the initialisation."""
 
-    bn: BNSetting = "auto"
+    bn: BNSetting = field(default="auto", kw_only=True)
+    """Keyword-only, so a subclass's own fields keep their positions (``LinearProbe(0.5)`` is C)."""
 
     def scores(self, support: Tensor, support_y: Tensor, query: Tensor, episode: Episode) -> Tensor:
         raise NotImplementedError
