@@ -12,6 +12,8 @@ several targets (--target all, or a comma list) or seeds, one job per (target, s
 Methods: built-in names (scratch, pretrained, imagenet, checkpoint, mmpt, maml), init+rule pairs
 (mmpt+linear, scratch+knn, ...) or package.module:ClassName for your own. With --medimeta DIR,
 MedIMeta's tasks (DATASET:TASK) are targets and sources too; a target's whole dataset is left out.
+--shots 1,5,10 runs a few-shot curve: each count on its own episode set, pretraining shared, and
+curve.{json,csv,md,png} (AUROC against shots) in --out.
 """
 from __future__ import annotations
 
@@ -26,12 +28,13 @@ import yaml
 from medmeta import distributed
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
-from medmeta.errors import MedmetaError
+from medmeta.errors import ConfigError, MedmetaError
 from medmeta.evaluation import Protocol, load_experiment_config
 from medmeta.evaluation.config import methods_help
+from medmeta.evaluation.curves import Curve
 from medmeta.evaluation.sweep import Launcher, Sweep
 from medmeta.learning.runtime import configure_threads
-from medmeta.settings import comma_list, nested, seed_list
+from medmeta.settings import comma_list, nested, seed_list, shot_list
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DEBUG_ENV = "MEDMETA_DEBUG"
@@ -57,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference", help="the method paired differences are taken against, one of --methods "
                                             "(default: the first; config key reference)")
     parser.add_argument("--sources", help="'default' (all allowed), 'available' (allowed and local) or a comma list")
-    parser.add_argument("--shots", type=int, help="support images per class")
+    parser.add_argument("--shots", type=shot_list, help="support images per class; several (1,5,10): a few-shot "
+                                                         "curve, each count on its own episodes, pretraining shared")
     parser.add_argument("--episodes", type=int, help="number of evaluation episodes")
     parser.add_argument("--episodes-file", help="a stored episode set to evaluate on (its settings are used)")
     parser.add_argument("--size", type=int, help="image size (28, 64, 128, 224)")
@@ -102,7 +106,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     sources = args.sources if args.sources in (None, "default", "available") else comma_list(args.sources)
     one_target = args.target if args.target and "," not in args.target and args.target != "all" else None
     return nested({"target": one_target, "methods": args.methods, "reference": args.reference, "sources": sources,
-                   "episodes.shots": args.shots, "episodes.count": args.episodes, "episodes.file": args.episodes_file,
+                   "episodes.shots": args.shots[0] if args.shots else None, "episodes.count": args.episodes, "episodes.file": args.episodes_file,
                    "size": args.size, "seed": args.seed, "model.weights": args.weights,
                    "checkpoint": args.checkpoint, "device": args.device, "slurm.partition": args.partition,
                    "slurm.gpus_per_node": args.gpus, "slurm.timeout_min": args.time, "slurm.mem_gb": args.mem})
@@ -126,15 +130,22 @@ def main(argv: list[str] | None = None) -> dict | None:
         manifest = load_manifest(manifests)
         source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
         targets = comma_list(args.target) if args.target else [config.target]
-        if targets == [config.target] and not args.seeds and args.launcher == "local":
+        single = targets == [config.target] and not args.seeds and args.launcher == "local"
+        curve = len(args.shots or []) > 1
+        if curve and not single:
+            raise ConfigError("--shots with several counts runs one target and one seed here (--launcher local); run "
+                              "each target or seed as its own command")
+        job: Protocol | Sweep | Curve
+        if single:
             out = Path(args.out or f"runs/cdfsl/{manifest[config.target].short_name}")
-            job: Protocol | Sweep = Protocol(config, out, root=args.root, manifest=manifest, source_dir=source_dir)
+            job = (Curve(config, args.shots, out, root=args.root, source_dir=source_dir, manifest=manifest) if curve
+                   else Protocol(config, out, root=args.root, manifest=manifest, source_dir=source_dir))
         else:
             job = Sweep(config, targets, args.seeds or [config.seed], Path(args.out or "runs/cdfsl/sweep"),
                         root=args.root, source_dir=source_dir, manifests=tuple(manifests))
         if warning and distributed.is_main():  # every input is valid: the work starts now
             print(warning, file=sys.stderr)
-        return job.run() if isinstance(job, Protocol) else job.run(args.launcher, wait=not args.no_wait)
+        return job.run(args.launcher, wait=not args.no_wait) if isinstance(job, Sweep) else job.run()
     except MedmetaError as exc:
         if args.debug:
             raise

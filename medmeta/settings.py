@@ -252,6 +252,20 @@ def repeated(values: Iterable[Any]) -> Any | None:
     return None
 
 
+def shot_list(text: str) -> list[int]:
+    """``--shots 1,5,10`` as a list of distinct counts of at least 1, for argparse's ``type=``; anything
+    else is one ``error: argument --shots: ...`` line."""
+    shots = []
+    for item in comma_list(text):
+        if not item.isdigit() or int(item) < 1:
+            raise argparse.ArgumentTypeError(f"shots are counts of at least 1, got {item!r} in {text!r}")
+        shots.append(int(item))
+    twice = repeated(shots)
+    if twice is not None:
+        raise argparse.ArgumentTypeError(f"shot counts must be distinct; {twice} is given twice")
+    return shots
+
+
 def seed_list(text: str) -> list[int]:
     """``--seeds 0,1,2`` as a list of distinct integers, for argparse's ``type=``: a repeated seed
     would run the same thing twice and report its copies as agreeing runs (sd 0.000 across seeds),

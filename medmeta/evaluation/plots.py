@@ -14,6 +14,8 @@ and 1 to 18 targets; layouts are constrained, so every label stays inside the ca
   difference to that target's reference (``table.png``).
 * ``grid_figure(rows, transitions)``: a supervised grid: accuracy per dataset for each
   architecture, size and scheme, and the resolution transitions (``grid.png``).
+* ``curve_figure(curve)``: a few-shot curve: each method's AUROC against shots, and its paired
+  AUROC difference to the reference against shots (``curve.png``).
 """
 from __future__ import annotations
 
@@ -224,6 +226,49 @@ def grid_figure(rows: Sequence[Mapping[str, Any]], transitions: Sequence[Mapping
     fig.legend(handles=[Line2D([], [], ls="", marker="o", color=size_colour[s], label=f"{s}px") for s in sizes],
                loc="outside lower center", ncols=len(sizes), fontsize=8, frameon=False)
     fig.suptitle("Supervised grid: test accuracy per dataset (dots) and their mean (bars)", fontsize=10)
+    return fig
+
+
+def curve_figure(curve: Mapping[str, Any]) -> Figure:
+    """A few-shot curve: per method, query AUROC (mean, 95% interval) at each shot count, and the
+    paired AUROC difference to the reference on the same episodes (filled where its interval
+    excludes zero). Shots on a log scale; methods side by side at each count so bars do not hide."""
+    rows = curve["rows"]
+    shots = list(curve["shots"])
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    by = {(r["method"], r["shots"]): r for r in rows}
+    names = method_order(names, {n: float(np.mean([by[n, k]["auroc"] for k in shots if (n, k) in by])) for n in names})
+    offsets = np.linspace(-0.04, 0.04, len(names)) if len(names) > 1 else np.zeros(1)
+    fig = Figure(figsize=(WIDTH_INCHES, 4.2), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for offset, name in zip(offsets, names):
+        init, rule = split_method(name)
+        c = colour(init)
+        present = [k for k in shots if (name, k) in by]
+        xs = [k * 10 ** offset for k in present]
+        axes[0].errorbar(xs, [by[name, k]["auroc"] for k in present], yerr=[by[name, k]["auroc_ci95"] for k in present],
+                         fmt=f"-{marker(rule)}", color=c, ms=5, lw=1.2, capsize=2, label=name)
+        diffs = [k for k in present if "auroc_diff" in by[name, k]]
+        if name == curve["reference"]:
+            axes[1].plot(xs, [0.0] * len(xs), ls="-", marker="|", ms=10, color=c)
+        for k in diffs:
+            d, ci = by[name, k]["auroc_diff"], by[name, k]["auroc_diff_ci95"]
+            axes[1].errorbar(k * 10 ** offset, d, yerr=ci, fmt=marker(rule), color=c, ms=5, capsize=2,
+                             mfc=c if d - ci > 0 or d + ci < 0 else "white", mec=c)
+        if diffs:
+            axes[1].plot([k * 10 ** offset for k in diffs], [by[name, k]["auroc_diff"] for k in diffs], color=c, lw=1)
+    axes[1].axhline(0.0, color="grey", lw=1, zorder=0)
+    for ax, label in zip(axes, ("query AUROC (mean, 95% interval)",
+                                f"Δ AUROC vs {curve['reference']} (paired, 95% interval)")):
+        ax.set_xscale("log")
+        ax.set_xticks(shots, [str(k) for k in shots])
+        ax.minorticks_off()
+        ax.set_xlabel("support images per class (shots)", fontsize=9)
+        ax.set_ylabel(label, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(f"{curve['target']}: few-shot curve, each count on its own episodes", fontsize=10)
+    _legend(fig, names)
     return fig
 
 
