@@ -25,7 +25,7 @@ import numpy as np
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.errors import ConfigError, MedmetaError
 from medmeta.evaluation import Protocol, load_experiment_config
-from medmeta.evaluation.config import ExperimentConfig, build_method
+from medmeta.evaluation.config import ExperimentConfig, build_method, builtin_initialisations
 from medmeta.evaluation.metrics import paired_difference
 from medmeta.evaluation.results import METRICS, write_csv
 from medmeta.files import write_text_atomic
@@ -62,17 +62,23 @@ def saved_results(folder: Path) -> dict[str, Any]:
 
 def table(runs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (target, init, rule, mode): AUROC, accuracy and the paired difference to ``support``."""
+    inits = builtin_initialisations(ExperimentConfig())
     rows = []
     for (target, mode), results in runs.items():
+        baseline = runs[target, BASELINE]
+        if results["episode_set"].get("digest") != baseline["episode_set"].get("digest"):
+            raise ConfigError(f"{target}: the {mode} and {BASELINE} runs were scored on different episode sets; "
+                              "run them into one --out folder with the same episode settings")
         for name, m in results["methods"].items():
             init, rule = name.split("+")
-            base = runs[target, BASELINE]["methods"][name]["per_episode"]
+            base = {e["episode"]: e for e in baseline["methods"][name]["per_episode"]}
+            pairs = [(e, base[e["episode"]]) for e in m["per_episode"]]  # by episode, never by position
             row: dict[str, Any] = {"target": target, "init": init, "rule": rule, "bn": mode,
-                                   "kind": "random" if init == "scratch" else "trained",
+                                   "kind": "random" if inits[init].random_weights else "trained",
                                    "episodes": m["summary"]["episodes"]}
             for metric in METRICS:
                 row[metric], row[f"{metric}_ci95"] = m["summary"][metric], m["summary"][f"{metric}_ci95"]
-                d = paired_difference([e[metric] for e in m["per_episode"]], [e[metric] for e in base])
+                d = paired_difference([e[metric] for e, _ in pairs], [b[metric] for _, b in pairs])
                 row[f"{metric}_diff"], row[f"{metric}_diff_ci95"] = d["mean"], d["ci95"]
             rows.append(row)
     return rows

@@ -83,9 +83,13 @@ def main(argv: list[str] | None = None) -> dict | None:
             raise ConfigError("--weights is one architecture's file: give one --arch with it")
         out = Path(args.out or "runs/supervised")
         runs = []  # one Baselines per architecture, each checked before any runs
-        for arch in archs:
+        for i, arch in enumerate(archs):
             sets = [*args.set, *([f"model.arch={arch}"] if arch else [])]
             config = load_settings(BaselineConfig, args.config, CONFIGS, overrides, sets)
+            if i > 0:  # the pixel search uses no network: it runs once, with the first architecture
+                config = config.replace(schemes=[s for s in config.schemes if s != "pixels"])
+                if not config.schemes:
+                    continue
             runs.append(Baselines(config, out / arch if len(archs) > 1 else out, root=args.root,
                                   source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV),
                                   manifest=load_manifest([*(args.manifest or []), *(args.medimeta or [])]),

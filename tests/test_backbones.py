@@ -194,3 +194,11 @@ def test_mmpt_and_maml_start_from_pretrained_weights(synthetic: Synthetic, tmp_p
                            manifest=synthetic.manifest)
     assert len(list((tmp_path / "out" / "pretrained").glob("mmpt-*"))) == 2  # another start trains apart
     assert scratch["methods"]["mmpt+proto"]["settings"]["init"]["config"]["init"] == "scratch"
+
+
+def test_a_bad_weight_tag_and_native_input_on_a_fixed_size_model_are_one_line() -> None:
+    with pytest.raises(ConfigError, match="vit_tiny_patch16_224 has no weight tag 'dinoo'; timm has vit_tiny"):
+        ModelConfig(arch="vit_tiny_patch16_224.dinoo")
+    with pytest.raises(ConfigError, match="takes only 224x224 images, so native input cannot work"):
+        build_backbone("vit_tiny_patch16_224", input="native")
+    assert build_backbone("test_vit", input="native").adapter.mode == "native"  # dynamic image size: fine

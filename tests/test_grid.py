@@ -66,3 +66,19 @@ def test_a_supervised_run_on_two_archs_writes_the_grid(synthetic: Synthetic, tmp
     assert {r["arch"] for r in summary["averages"]} == {"test_resnet (scratch)", "resnet18 (scratch)"}
     assert {t["factor"] for t in summary["tests"]} == {"scheme", "arch"}
     assert "MedMNIST+'s Table 2 layout" in capsys.readouterr().out
+
+
+def test_the_pixel_search_runs_once_for_several_architectures(synthetic: Synthetic, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from medmeta.evaluation import baselines
+
+    monkeypatch.setenv("MEDMETA_MANIFEST", str(synthetic.manifest_path))
+    searched = []
+    original = baselines.pixel_baseline
+    monkeypatch.setattr(baselines, "pixel_baseline", lambda *a, **k: searched.append(1) or original(*a, **k))
+    combined = supervised.main(["--dataset", "toyclass", "--arch", "test_resnet,resnet18", "--schemes", "pixels,knn",
+                                "--seeds", "0", "--device", "cpu", "--root", str(tmp_path / "root"), "--source-dir",
+                                str(synthetic.source_dir), "--set", "bn_batches=1", "--out", str(tmp_path / "out")])
+    assert len(searched) == 1
+    assert sorted((r["arch"], r["scheme"]) for r in combined["table"]) == [
+        ("resnet18", "knn"), ("test_resnet", "knn"), ("test_resnet", "pixels")]

@@ -43,7 +43,7 @@ from ..files import file_digest, read_cache, torch_save_atomic, write_text_atomi
 from ..learning.backbones import Start, start_weights
 from ..learning.models import ARCHS, Classifier, Conv3dKind, ModelConfig, build_backbone, reestimate_batchnorm
 from ..learning.pixels import pixel_baseline, unfit_candidates
-from ..learning.runtime import autocast, predict, resolve_device, resolved_precision
+from ..learning.runtime import autocast, predict, resolve_device, resolved_precision, uses_bf16
 from ..learning.supervised import SupervisedConfig, epoch_batches, train_supervised
 from ..methods import KNN, LinearProbe
 from ..settings import Settings, repeated, setting
@@ -168,13 +168,15 @@ class Baselines:
         """One run, from its cache when the settings it depends on are unchanged."""
         c = self.config
         folder = self.out / self.store.manifest[name].short_name / _label(scheme, conv) / f"seed{seed}"
-        parts = {"scheme": scheme, "conv": conv, "seed": seed, "size": c.size, "model": c.model.to_dict(),
-                 "input_size": c.input_size, "resize": c.resize,
-                 **({"init": c.init, "weights": file_digest(c.model.weights) if c.model.weights else None}
-                    if c.init != "scratch" else {}),
+        network = {"model": c.model.to_dict(), "input_size": c.input_size, "resize": c.resize,
+                   **({"init": c.init, "weights": file_digest(c.model.weights) if c.model.weights else None}
+                      if c.init != "scratch" else {})}
+        parts = {"scheme": scheme, "conv": conv, "seed": seed, "size": c.size,
+                 **(network if scheme != "pixels" else {}),  # the pixel search uses no network: one per dataset
                  **({"train": c.train.to_dict()} if scheme == "end2end" else {}),
-                 **({"rule": getattr(c, scheme).to_dict(), "bn_batches": c.bn_batches} if scheme in ("linear", "knn")
-                    else {})}
+                 **({"rule": getattr(c, scheme).to_dict(), "bn_batches": c.bn_batches,
+                     **({"bf16": True} if uses_bf16(self.device, c.train.precision) else {})}
+                    if scheme in ("linear", "knn") else {})}
         key = stable_hash({**parts, **resolved_precision(parts, self.device)})
         cache = folder / "result.json"
         cached = read_cache(cache, "this run is done again")
@@ -233,7 +235,7 @@ class Baselines:
         identity = {"dataset": name, "size": c.size, "model": c.model.to_dict(), "init": c.init, "seed": seed,
                     "weights": file_digest(c.model.weights) if c.init == "pretrained" and c.model.weights else None,
                     "input_size": c.input_size, "resize": c.resize, "bn_batches": c.bn_batches,
-                    **resolved_precision(c.train.to_dict(), self.device)}
+                    **({"bf16": True} if uses_bf16(self.device, c.train.precision) else {})}
         path = self.out / self.store.manifest[name].short_name / "features" / f"{stable_hash(identity)}.pt"
         if path.is_file():
             try:

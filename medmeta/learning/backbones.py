@@ -55,6 +55,10 @@ def check_arch(arch: str) -> str:
     import timm
 
     if timm.is_model(arch):
+        if "." in arch and arch not in timm.list_pretrained(arch):
+            tags = timm.list_pretrained(arch.split(".")[0] + ".*")
+            raise ConfigError(f"config key model.arch: {arch.split('.')[0]} has no weight tag {arch.split('.', 1)[1]!r}; "
+                              f"timm has {', '.join(tags[:8]) or 'none'}" + (" ..." if len(tags) > 8 else ""))
         return arch
     close = timm.list_models(f"*{arch.split('.')[0][:12]}*")[:5]
     raise ConfigError(f"config key model.arch: unknown architecture {arch!r}; give resnet18 or resnet50 (medmeta's), "
@@ -139,15 +143,20 @@ class TimmBackbone(nn.Module):
         try:
             self.model = timm.create_model(arch, pretrained=pretrained, num_classes=0)
         except (OSError, RuntimeError, ValueError) as err:  # hub and network errors
-            if not pretrained:
-                raise
-            raise MethodError(f"the published weights of {arch} could not be had ({' '.join(str(err).split())[:200]}); "
-                              "pass a local file with --weights FILE (a timm or torchvision state dict, .pth or "
-                              "safetensors), or put them in the Hugging Face cache ($HF_HOME)") from None
+            why = " ".join(str(err).split())[:200]
+            if not pretrained:  # e.g. an hf-hub: model whose config cannot be fetched
+                raise MethodError(f"{arch} could not be built ({why})") from None
+            raise MethodError(f"the published weights of {arch} could not be had ({why}); pass a local file with "
+                              "--weights FILE (a timm or torchvision state dict, .pth or safetensors), or put them "
+                              "in the Hugging Face cache ($HF_HOME)") from None
         cfg = self.model.pretrained_cfg
         c, h, w = cfg.get("input_size", (3, 224, 224))
         self.arch = arch
         self.classifier = cfg.get("classifier") or ()
+        fixed = hasattr(self.model, "pos_embed") and not getattr(self.model, "dynamic_img_size", False)
+        if mode == "native" and fixed:  # a transformer whose position embedding fits one image size
+            raise ConfigError(f"config key model.input: {arch} takes only {h}x{w} images, so native input cannot "
+                              "work; use pad or resize")
         self.adapter = ImageAdapter(tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)), (h, w),
                                     "pad" if mode == "auto" else mode)
         self.out_features: int = int(self.model.num_features)
