@@ -309,3 +309,15 @@ def torch_nn():
     from torch import nn
 
     return nn.Linear(2, 2)
+
+
+def test_a_sweep_table_marks_transductive_methods(synthetic: Synthetic, tmp_path: Path) -> None:
+    from medmeta.evaluation.sweep import Sweep, format_combined
+
+    cfg = tiny_config(target="toyclass", methods=["scratch+proto", "scratch+knn"], sources="available",
+                      **{**FAST, "adaptation.knn.bn": "transductive"})
+    combined = Sweep(cfg, ["toyclass"], [0], tmp_path / "sweep", root=str(tmp_path / "root"),
+                     source_dir=str(synthetic.source_dir), manifests=(str(synthetic.manifest_path),)).run()
+    assert {r["method"]: r["transductive"] for r in combined["table"]} == {"scratch+proto": False, "scratch+knn": True}
+    text = format_combined(combined)
+    assert "| scratch+knn* |" in text and "* transductive" in text

@@ -268,6 +268,7 @@ def combine(runs: dict[Job, dict[str, Any]]) -> list[dict[str, Any]]:
                 row[f"{metric}_diff_ci95"] = float(np.mean([p["ci95"] for p in paired]))
                 row[f"{metric}_identical"] = all(p["identical"] for p in paired)
         row["reference"] = ms[0]["reference"]
+        row["transductive"] = any(m.get("transductive") for m in ms)
         out.append(row)
     return out
 
@@ -287,7 +288,7 @@ def reference_label(table: Sequence[dict[str, Any]]) -> str:
 
 TABLE_FIELDS = ("target", "method", "seeds", "episodes", "auroc", "auroc_ci95", "auroc_seed_std", "auroc_diff",
                 "auroc_diff_ci95", "auroc_identical", "acc", "acc_ci95", "acc_seed_std", "acc_diff", "acc_diff_ci95",
-                "acc_identical", "reference", "train_seconds", "adapt_seconds")
+                "acc_identical", "reference", "transductive", "train_seconds", "adapt_seconds")
 
 
 def _cell(row: dict[str, Any], metric: str) -> str:
@@ -305,8 +306,10 @@ def markdown(combined: dict[str, Any], metric: str) -> str:
     rows = combined["table"]
     targets = list(dict.fromkeys(r["target"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    transductive = {r["method"] for r in rows if r.get("transductive")}
     cells = {(r["target"], r["method"]): _cell(r, metric) for r in rows}
-    lines = [f"| target | {' | '.join(methods)} |", f"| --- |{' --- |' * len(methods)}"]
+    heads = [f"{m}*" if m in transductive else m for m in methods]
+    lines = [f"| target | {' | '.join(heads)} |", f"| --- |{' --- |' * len(methods)}"]
     for t in targets:
         lines.append(f"| {t} | {' | '.join(cells.get((t, m), '-') for m in methods)} |")
     return "\n".join(lines)
@@ -317,7 +320,9 @@ def format_combined(combined: dict[str, Any]) -> str:
     seeds = combined["seeds"]
     head = (f"query {{}} (mean ± 95% interval over episodes{', sd across seeds ' + str(seeds) if len(seeds) > 1 else ''}; "
             f"[Δ paired difference to {combined['reference']}])")
-    return "\n\n".join(f"{head.format(m.upper())}\n{markdown(combined, m)}" for m in ("auroc", "acc"))
+    note = ("\n\n* transductive: a query image's score depends on the other query images"
+            if any(r.get("transductive") for r in combined["table"]) else "")
+    return "\n\n".join(f"{head.format(m.upper())}\n{markdown(combined, m)}" for m in ("auroc", "acc")) + note
 
 
 def write_table(out: Path, combined: dict[str, Any]) -> None:

@@ -128,6 +128,7 @@ def frozen_features(net: nn.Module, episode: Episode, bn: BNMode) -> tuple[Tenso
     return net(sx), net(qx)
 
 
+@torch.no_grad()
 def source_statistics(backbone: nn.Module, train: Mapping[str, MedMNISTTask], seed: int) -> nn.Module:
     """A copy of ``backbone`` whose BatchNorm running statistics are those of a balanced sample of
     the sources' training images: ``SOURCE_STATISTICS_BATCHES`` batches of up to
