@@ -34,10 +34,10 @@ def medimeta_datasets(manifest: Manifest) -> dict[str, list[str]]:
 
 def _medimeta_targets(store: Store, names: list[str], sizes: list[int] | None) -> list[tuple[str, int]]:
     """(dataset, size) pairs to build: the named MedIMeta datasets (ids, or one of their tasks;
-    default all) at the given sizes (default each one's native size), checked before any build."""
+    none or 'all': every one) at the given sizes (default each one's native size), checked before any build."""
     datasets = medimeta_datasets(store.manifest)
     chosen = []
-    for name in names or list(datasets):
+    for name in list(datasets) if names in ([], ["all"]) else names:
         found = next((d for d in datasets if name in (d, slug(d))), None)
         if found is None:
             try:
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", parents=[common], help="fetch, verify and build subsets into the store")
     prep.add_argument("subsets", nargs="*", help="subset names (full or short, e.g. retina organa nodule3d) or 'all'; "
-                                                 "with --medimeta, MedIMeta dataset ids (default: every one)")
+                                                 "with --medimeta, MedIMeta dataset ids (none or 'all': every one)")
     prep.add_argument("--size", type=int, action="append",
                       help="image size (repeatable; default 28; MedIMeta: its own size, or 28, 64, 128 resized)")
     prep.add_argument("--source-dir", default=None, help=f"folder with official npz files (or ${SOURCE_DIR_ENV})")

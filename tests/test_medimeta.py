@@ -314,12 +314,16 @@ def test_prepare_refuses_sizes_and_names_the_folder_does_not_have(medimeta, tmp_
 def test_info_lists_datasets_and_the_names_targets_take(medimeta, tmp_path: Path, capsys) -> None:
     folder, _ = medimeta
     root = tmp_path / "root"
+    assert medmeta_main(["info", "--medimeta", str(folder), "--root", str(root)]) == 0
+    assert "MedIMeta cxr (Chest X-ray): Chest X-ray, grey 32px, train 45, val 18, test 27; built at no size yet" in (
+        capsys.readouterr().out)
     assert prepare(folder, root, "cxr", "--size", "28") == 0
-    capsys.readouterr()
+    assert prepare(folder, root, "all", "--size", "32") == 0
+    assert capsys.readouterr().out.count("built: ") == 5
     assert medmeta_main(["info", "--medimeta", str(folder), "--root", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "MedIMeta cxr (Chest X-ray): Chest X-ray, grey 32px, train 45, val 18, test 27; built at 28px" in out
-    assert "MedIMeta pbc (Blood cells): Microscopy, RGB 32px, train 40, val 16, test 24; built at no size yet" in out
+    assert "MedIMeta pbc (Blood cells): Microscopy, RGB 32px, train 40, val 16, test 24; built at 32px" in out
+    assert "MedIMeta cxr (Chest X-ray): Chest X-ray, grey 32px, train 45, val 18, test 27; built at 28, 32px" in out
     assert re.search(r"\n  dr_regular:artifact +ordinal +4 labels: none, outside, a quarter, half\n", out)
     assert re.search(r"\ncxr:patient_sex +28 +45 +18 +27  ok ", out)
 
