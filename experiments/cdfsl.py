@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="processes on this machine: re-launches this command under torchrun (one per GPU, or "
                              "one per core on a CPU); the same as `torchrun --nproc_per_node N experiments/cdfsl.py`")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    parser.add_argument("--debug", action="store_true", default=bool(os.environ.get(DEBUG_ENV)),
+    parser.add_argument("--debug", action="store_true", default=os.environ.get(DEBUG_ENV, "") not in ("", "0"),
                         help=f"show the traceback of an error (e.g. raised in your own method) instead of one line "
                              f"(or ${DEBUG_ENV}=1)")
     return parser.parse_args(argv)

@@ -37,8 +37,9 @@ WIDTH_INCHES = 10.5
 """1575 px at ``DPI``."""
 PALETTE = ("#000000", "#0072B2", "#D55E00", "#E69F00", "#56B4E9", "#009E73", "#CC79A7", "#F0E442")
 """Okabe and Ito's colour-blind-safe palette."""
-INIT_COLOURS = {"scratch": PALETTE[0], "mmpt": PALETTE[1], "maml": PALETTE[2], "imagenet": PALETTE[3],
-                "checkpoint": PALETTE[4]}
+INIT_COLOURS = {"scratch": PALETTE[0], "mmpt": PALETTE[1], "maml": PALETTE[2], "pretrained": PALETTE[3],
+                "imagenet": PALETTE[3], "checkpoint": PALETTE[4]}
+"""``imagenet`` is ``pretrained`` under its earlier name: one colour."""
 RULE_MARKERS = {"finetune": "o", "linear": "s", "knn": "^", "proto": "D", "lpft": "v", "inner": "P"}
 OTHER_MARKERS = ("X", "*", "h", "p", "<", ">")
 METRIC_LABELS = {"auroc": "AUROC", "acc": "accuracy"}
