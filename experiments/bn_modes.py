@@ -7,9 +7,9 @@ for the initialisations trained on the sources) in OUT/<target>/<mode>/, all on 
 episodes and sharing OUT/pretrained/ (each initialisation trains once per target). Then one
 table, OUT/table.{md,csv,json}: each (target, initialisation, rule, mode)'s query AUROC and its
 paired per-episode difference to ``support`` (the setting every rule used before ``bn``
-existed), and per kind of initialisation (random: scratch; trained: the others) the mean paired
-difference of each mode over targets and rules, with how many cells are significantly above and
-below zero: the evidence ``methods.rules.DEFAULT_BN`` is chosen by.
+existed), and per initialisation the mean paired difference of each mode over targets and
+rules, with how many cells are significantly above and
+below zero: the evidence each initialisation's default (``Initialisation.frozen_bn``) is chosen by.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import numpy as np
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.errors import ConfigError, MedmetaError
 from medmeta.evaluation import Protocol, load_experiment_config
-from medmeta.evaluation.config import ExperimentConfig, build_method, builtin_initialisations
+from medmeta.evaluation.config import ExperimentConfig, build_method
 from medmeta.evaluation.metrics import paired_difference
 from medmeta.evaluation.results import METRICS, write_csv
 from medmeta.files import write_text_atomic
@@ -37,7 +37,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 RULES = ("linear", "knn", "proto")
 """The frozen-feature rules (LP-FT's probe takes the same setting; its fine-tuning costs 40x more)."""
 BASELINE: BNMode = "support"
-FIELDS = ("target", "init", "kind", "rule", "bn", "episodes", "auroc", "auroc_ci95", "auroc_diff", "auroc_diff_ci95",
+FIELDS = ("target", "init", "rule", "bn", "episodes", "auroc", "auroc_ci95", "auroc_diff", "auroc_diff_ci95",
           "acc", "acc_ci95", "acc_diff", "acc_diff_ci95")
 
 
@@ -62,7 +62,6 @@ def saved_results(folder: Path) -> dict[str, Any]:
 
 def table(runs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (target, init, rule, mode): AUROC, accuracy and the paired difference to ``support``."""
-    inits = builtin_initialisations(ExperimentConfig())
     rows = []
     for (target, mode), results in runs.items():
         baseline = runs[target, BASELINE]
@@ -74,7 +73,6 @@ def table(runs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
             base = {e["episode"]: e for e in baseline["methods"][name]["per_episode"]}
             pairs = [(e, base[e["episode"]]) for e in m["per_episode"]]  # by episode, never by position
             row: dict[str, Any] = {"target": target, "init": init, "rule": rule, "bn": mode,
-                                   "kind": "random" if inits[init].random_weights else "trained",
                                    "episodes": m["summary"]["episodes"]}
             for metric in METRICS:
                 row[metric], row[f"{metric}_ci95"] = m["summary"][metric], m["summary"][f"{metric}_ci95"]
@@ -85,14 +83,14 @@ def table(runs: dict[tuple[str, str], dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def verdict(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per kind of initialisation and mode: the mean paired AUROC difference to ``support`` over
-    targets and rules, and how many cells lie significantly above or below zero."""
+    """Per initialisation and mode: the mean paired AUROC difference to ``support`` over targets
+    and rules, and how many cells lie significantly above or below zero."""
     out = []
-    for kind in ("random", "trained"):
+    for init in dict.fromkeys(r["init"] for r in rows):
         for mode in dict.fromkeys(r["bn"] for r in rows if r["bn"] != BASELINE):
-            cells = [r for r in rows if r["kind"] == kind and r["bn"] == mode]
+            cells = [r for r in rows if r["init"] == init and r["bn"] == mode]
             if cells:
-                out.append({"kind": kind, "bn": mode, "cells": len(cells),
+                out.append({"init": init, "bn": mode, "cells": len(cells),
                             "mean_auroc_diff": float(np.mean([r["auroc_diff"] for r in cells])),
                             "above": sum(r["auroc_diff"] - r["auroc_diff_ci95"] > 0 for r in cells),
                             "below": sum(r["auroc_diff"] + r["auroc_diff_ci95"] < 0 for r in cells)})
@@ -114,7 +112,7 @@ def markdown(rows: list[dict[str, Any]], summary: list[dict[str, Any]]) -> str:
     lines += ["", f"Mean paired AUROC difference to bn={BASELINE} over targets and rules (cells above / below zero "
                   "beyond their 95% interval):", "", "| initialisation | bn | cells | mean Δ AUROC | above | below |",
               "| --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {s['kind']} | {s['bn']} | {s['cells']} | {s['mean_auroc_diff']:+.3f} | {s['above']} | {s['below']} |"
+    lines += [f"| {s['init']} | {s['bn']} | {s['cells']} | {s['mean_auroc_diff']:+.3f} | {s['above']} | {s['below']} |"
               for s in summary]
     return "\n".join(lines)
 

@@ -15,7 +15,6 @@ from medmeta.evaluation import run_protocol
 from medmeta.learning.finetune import WorkingCopy, frozen_features, source_statistics
 from medmeta.learning.models import reestimate_batchnorm
 from medmeta.methods import KNN, LPFT, MMPT, LinearProbe, MAMLInit, Method, Prototypes, Scratch
-from medmeta.methods.rules import DEFAULT_BN
 from medmeta.tasktype import TaskType
 
 from .conftest import Synthetic, tiny_config
@@ -84,18 +83,29 @@ def test_every_mode_leaves_the_backbone_alone(rule, bn: str) -> None:
         assert torch.equal(v, before[k]), k
 
 
-def test_the_default_follows_the_kind_of_initialisation() -> None:
+def test_the_default_follows_the_initialisation() -> None:
+    from medmeta.methods import Checkpoint, Initialisation, Pretrained
+
     shared = LinearProbe()  # one rule object serves several methods (as builtin_rules gives it)
-    assert Method(Scratch(), shared).rule.bn == DEFAULT_BN["random"]
-    for init in (MMPT(), MAMLInit()):
-        assert Method(init, shared).rule.bn == DEFAULT_BN["trained"]
-        assert Method(init, KNN()).rule.settings()["bn"] == DEFAULT_BN["trained"]
-        assert Method(init, LPFT()).rule.probe.bn == DEFAULT_BN["trained"]
+    expected = [(Scratch(), "own"), (MMPT(), "sources"), (MAMLInit(), "support"), (Pretrained(), "own"),
+                (Checkpoint(), "own")]
+    for init, mode in expected:
+        assert init.frozen_bn == mode
+        assert Method(init, shared).rule.bn == mode
+        assert Method(init, KNN()).rule.settings()["bn"] == mode
+        assert Method(init, LPFT()).rule.probe.bn == mode
     assert shared.bn == "auto"  # not changed for the next method
     assert Method(MMPT(), LinearProbe(bn="transductive")).rule.bn == "transductive"  # an explicit mode stays
     assert Method(MMPT(), LinearProbe(bn="transductive")).rule.transductive
     with pytest.raises(ValueError, match="resolved by for_initialisation"):
         LinearProbe().predict(SmallBN(), episodes()[0], seed=0)
+
+    class Broken(Scratch):
+        frozen_bn = "sources"  # a random init has no sources to take statistics from
+
+    with pytest.raises(ValueError, match="sources only for an initialisation trained on the sources"):
+        Method(Broken(), LinearProbe())
+    assert issubclass(Broken, Initialisation)
 
 
 def test_source_statistics_weigh_each_source_alike(synthetic: Synthetic, tmp_path: Path) -> None:
@@ -129,16 +139,16 @@ def test_the_protocol_records_the_mode_refuses_sources_for_scratch_and_marks_tra
                             manifest=synthetic.manifest)
 
     first = run(["scratch+proto", "mmpt+proto"])
-    assert first["methods"]["scratch+proto"]["settings"]["rule"]["bn"] == "support"
-    assert first["methods"]["mmpt+proto"]["settings"]["rule"]["bn"] == "own"
+    assert first["methods"]["scratch+proto"]["settings"]["rule"]["bn"] == "own"
+    assert first["methods"]["mmpt+proto"]["settings"]["rule"]["bn"] == "sources"
     again = run(["scratch+proto", "mmpt+proto"], **{"adaptation.proto.bn": "transductive"})
     assert again["methods"]["scratch+proto"]["per_episode"] != first["methods"]["scratch+proto"]["per_episode"]
     assert again["methods"]["scratch+proto"]["transductive"] and not first["methods"]["scratch+proto"]["transductive"]
     assert "scratch+proto*" in capsys.readouterr().out
     cached = json.loads((tmp_path / "out" / "methods" / "scratch+proto.json").read_text())
     assert cached["result"]["settings"]["rule"]["bn"] == "transductive"
-    sources = run(["mmpt+proto"], **{"adaptation.proto.bn": "sources"})
-    assert sources["methods"]["mmpt+proto"]["per_episode"] != first["methods"]["mmpt+proto"]["per_episode"]
+    own = run(["mmpt+proto"], **{"adaptation.proto.bn": "own"})
+    assert own["methods"]["mmpt+proto"]["per_episode"] != first["methods"]["mmpt+proto"]["per_episode"]
     with pytest.raises(ValueError, match="bn=sources takes BatchNorm statistics from the sources"):
         run(["scratch+proto"], **{"adaptation.proto.bn": "sources"})
 

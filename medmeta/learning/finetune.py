@@ -27,7 +27,7 @@ sample of the sources' training images (the protocol hands over that backbone; t
 then read as with ``own``). Which to use is an empirical question: a pretrained backbone's own
 statistics fit its features, but mm-PT's follow the source task it trained last, and a random
 backbone's mean nothing; 10 support images give each channel 10 numbers at 28px's 1x1 maps.
-The rules resolve ``bn="auto"`` per initialisation kind (``methods.rules.DEFAULT_BN``).
+The rules resolve ``bn="auto"`` by the initialisation (``Initialisation.frozen_bn``).
 
 Heads: ``nn.Linear``'s default initialisation (weight kaiming-uniform with a=sqrt(5), i.e.
 U(-1/sqrt(fan_in), 1/sqrt(fan_in)), bias the same bound), drawn from a ``torch.Generator``

@@ -75,9 +75,11 @@ class Initialisation(ABC):
 
     name: ClassVar[str] = ""
     needs_sources: ClassVar[bool] = False
-    random_weights: ClassVar[bool] = False
-    """True for a randomly initialised backbone, whose BatchNorm running statistics mean nothing
-    (rules choose their default ``bn`` by it)."""
+    frozen_bn: ClassVar[str] = "own"
+    """The BatchNorm statistics frozen-feature rules take after this initialisation by default
+    (their ``bn="auto"``; one of ``learning.finetune.BNMode``): ``own`` for weights trained as
+    usual, whose running statistics fit their features. The built-ins' values come from the
+    bn-mode table of docs/results.md."""
     dims: ClassVar[tuple[int, ...]] = (2, 3)
     """Image dimensionalities this initialisation supports."""
 

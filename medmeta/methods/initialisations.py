@@ -53,7 +53,9 @@ class Scratch(Settings, Initialisation):
     """Random initialisation."""
 
     name: ClassVar[str] = "scratch"
-    random_weights: ClassVar[bool] = True
+    frozen_bn: ClassVar[str] = "own"
+    """A random backbone's running statistics are the identity (mean 0, variance 1); on the four 2D
+    targets here they beat statistics re-estimated on the support (docs/results.md)."""
 
     def backbone(self, context: InitContext) -> nn.Module:
         return random_backbone(context)
@@ -110,6 +112,9 @@ class MMPT(Settings, Initialisation):
 
     name: ClassVar[str] = "mmpt"
     needs_sources: ClassVar[bool] = True
+    frozen_bn: ClassVar[str] = "sources"
+    """mm-PT's own running statistics follow the source task it trained last; recomputed on all
+    the sources they fit its features best (docs/results.md)."""
     config: PretrainConfig = field(default_factory=PretrainConfig)
 
     def backbone(self, context: InitContext) -> nn.Module:
@@ -134,6 +139,9 @@ class MAMLInit(Settings, Initialisation):
 
     name: ClassVar[str] = "maml"
     needs_sources: ClassVar[bool] = True
+    frozen_bn: ClassVar[str] = "support"
+    """MAML meta-learns with BatchNorm on each episode's batch statistics, so its features expect
+    statistics of the episode (docs/results.md)."""
     config: MAMLConfig = field(default_factory=MAMLConfig)
 
     def backbone(self, context: InitContext) -> nn.Module:

@@ -25,8 +25,8 @@ inner        MAML's test-time rule: SGD from a zero head with BatchNorm in train
 
 Frozen-feature rules (linear, knn, proto, and lpft's probe) take the backbone's BatchNorm
 statistics as their ``bn`` setting says (``learning.finetune.frozen_features``): ``own``,
-``support``, ``transductive`` or ``sources``; ``auto`` (the default) is ``DEFAULT_BN`` for the
-kind of initialisation, random or trained.
+``support``, ``transductive`` or ``sources``; ``auto`` (the default) is the initialisation's
+``frozen_bn`` (scratch: own, mmpt: sources, maml: support, pretrained weights: own).
 k-NN's vote shares become logits with ``TaskType.logits_from_probabilities``.
 """
 from __future__ import annotations
@@ -34,13 +34,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..episodes import Episode
+from ..errors import MethodError
 from ..learning.finetune import BNMode, HeadState, WorkingCopy, fine_tune, fine_tune_episodes, frozen_features
 from ..learning.maml import MAMLConfig
 from ..learning.maml import adapt_and_predict as maml_adapt_and_predict
@@ -70,22 +71,20 @@ class FineTune(Settings, AdaptationRule):
 
 
 BNSetting = Literal["auto", "own", "support", "transductive", "sources"]
-DEFAULT_BN: dict[str, BNMode] = {"random": "support", "trained": "own"}
-"""What ``bn="auto"`` resolves to, by the kind of initialisation (``Initialisation.random_weights``):
-chosen by the bn-mode table in docs/results.md (every frozen-feature rule x mode x initialisation
-on the 2D targets here, paired on the same episodes)."""
-
-
 def default_bn(init: Initialisation) -> BNMode:
-    """The ``bn`` mode ``auto`` stands for after ``init``."""
-    return DEFAULT_BN["random" if init.random_weights else "trained"]
+    """The ``bn`` mode ``auto`` stands for after ``init`` (its ``frozen_bn``)."""
+    mode = init.frozen_bn
+    if mode not in get_args(BNMode) or (mode == "sources" and not init.needs_sources):
+        raise MethodError(f"initialisation {type(init).__name__}: frozen_bn {mode!r} is not one of "
+                          f"{get_args(BNMode)} (sources only for an initialisation trained on the sources)")
+    return mode  # type: ignore[return-value]
 
 
 @dataclass
 class FrozenFeatureRule(AdaptationRule):
     """A rule that reads frozen features: override ``scores(support_features, support_y,
     query_features, episode)``. ``bn`` says where the backbone's BatchNorm statistics come from
-    (``learning.finetune.frozen_features``); ``auto`` is ``DEFAULT_BN`` for the initialisation."""
+    (``learning.finetune.frozen_features``); ``auto`` is the initialisation's ``frozen_bn``."""
 
     bn: BNSetting = field(default="auto", kw_only=True)
     """Keyword-only, so a subclass's own fields keep their positions (``LinearProbe(0.5)`` is C)."""
