@@ -2,7 +2,8 @@
 
 Bad input prints one line naming the file, subset or argument and exits non-zero; the
 store is never changed by a failed command. ``--medimeta DIR`` adds a MedIMeta data path's
-tasks (``DATASET:TASK``); ``prepare --medimeta DIR [DATASET ...]`` builds its datasets.
+tasks (``DATASET:TASK``); ``prepare --medimeta DIR [DATASET ...]`` builds its datasets (``--in-place``:
+reading each one's images.hdf5 where it is).
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 
 from .data.fetch import SOURCE_DIR_ENV
 from .data.manifest import MANIFEST_ENV, SPLITS, Manifest, load_manifest
-from .data.medimeta import slug
-from .data.store import ROOT_ENV, Store, rebuild_hint
+from .data.medimeta import IMAGES_FILE, slug
+from .data.store import ROOT_ENV, Store, rebuild_hint, reads_in_place
 from .data.tasks import describe_subset
 from .errors import ConfigError, MedmetaError, StoreError
 
@@ -59,16 +60,24 @@ def _medimeta_targets(store: Store, names: list[str], sizes: list[int] | None) -
 
 
 def _prepare_medimeta(store: Store, args: argparse.Namespace) -> int:
-    """`medmeta prepare --medimeta DIR [DATASET ...]`: one store file per dataset and size, holding every task."""
+    """`medmeta prepare --medimeta DIR [DATASET ...]`: one store file per dataset and size, holding every
+    task (its images read in place from images.hdf5 with ``--in-place``, at the dataset's own size)."""
     if args.available:
         raise ConfigError("--available builds MedMNIST's npz files found in --source-dir; with --medimeta, name "
                           "MedIMeta datasets, or none for all of them")
     datasets = medimeta_datasets(store.manifest)
     for dataset, size in _medimeta_targets(store, args.subsets, args.size):
         tasks = datasets[dataset]
-        skipped = not args.force and store.is_built(tasks[0], size)
-        path = store.build(tasks[0], size, force=args.force)
-        print(f"{'already built' if skipped else 'built'}: {dataset} {size}px -> {path} (tasks {', '.join(tasks)})")
+        info = store.manifest[tasks[0]]
+        skipped = not args.force and store.up_to_date(tasks[0], size, args.in_place)
+        path = store.build(tasks[0], size, force=args.force, in_place=args.in_place)
+        how = ""
+        if reads_in_place(path):
+            how = f", reading {info.home / IMAGES_FILE} in place"
+        elif args.in_place:
+            how = f", a resized copy (--in-place reads images.hdf5 at its own {max(info.sizes)}px)"
+        verb = "already built" if skipped else "built"
+        print(f"{verb}: {dataset} {size}px -> {path}{how} (tasks {', '.join(tasks)})")
     return 0
 
 
@@ -96,6 +105,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.medimeta:
         return _prepare_medimeta(store, args)
+    if args.in_place:
+        raise ConfigError("--in-place reads MedIMeta datasets' images.hdf5 where they are (with --medimeta DIR); "
+                          "MedMNIST's npz files are always copied into the store")
     source_dir = args.source_dir or os.environ.get(SOURCE_DIR_ENV)
     targets = _targets(store, args.subsets, args.size, source_dir, args.available)
     if not targets:
@@ -112,10 +124,12 @@ def print_medimeta(store: Store) -> None:
     the names ``--target`` takes, task type and label names."""
     for dataset, tasks in medimeta_datasets(store.manifest).items():
         info = store.manifest[tasks[0]]
-        built = [str(size) for size in info.sizes if store.is_built(tasks[0], size)]
+        built = [size for size in info.sizes if store.is_built(tasks[0], size)]
+        in_place = [size for size in built if reads_in_place(store.path(tasks[0], size))]
         splits = ", ".join(f"{split} {info.splits[split]}" for split in SPLITS)
         print(f"{info.source_dataset}: {info.domain}, {'grey' if info.channels == 1 else 'RGB'} {max(info.sizes)}px, "
-              f"{splits}; built at {', '.join(built) + 'px' if built else 'no size yet'}")
+              f"{splits}; built at {', '.join(map(str, built)) + 'px' if built else 'no size yet'}"
+              f"{f' ({in_place[0]}px reading images.hdf5 in place)' if in_place else ''}")
         width = max(len(t) for t in tasks)
         for task in tasks:
             t = store.manifest[task]
@@ -188,7 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--source-dir", default=None, help=f"folder with official npz files (or ${SOURCE_DIR_ENV})")
     prep.add_argument("--available", action="store_true", help="build every official file present in --source-dir")
     prep.add_argument("--no-download", action="store_true", help="never download; use local files only")
-    prep.add_argument("--force", action="store_true", help="rebuild even if already built")
+    prep.add_argument("--force", action="store_true",
+                      help="rebuild even if already built (a file built --in-place stays so: delete it to copy)")
+    prep.add_argument("--in-place", action="store_true",
+                      help="with --medimeta: read each dataset's images.hdf5 where it is instead of copying its images "
+                           "into the store (at its own size; a smaller --size is a resized copy all the same)")
     prep.set_defaults(func=cmd_prepare)
     info = sub.add_parser("info", parents=[common], help="list built subsets, split counts and tasks")
     info.set_defaults(func=cmd_info)

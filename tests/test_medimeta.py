@@ -10,8 +10,11 @@ values in ``info.yaml``.
 from __future__ import annotations
 
 import hashlib
+import os
+import pickle
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from medmeta.data.medimeta import area_resize
 from medmeta.data.store import Store
 from medmeta.data.tasks import MedMNISTTask, find_task
 from medmeta.episodes import EpisodeSampler
-from medmeta.errors import ConfigError, SourceError
+from medmeta.errors import ConfigError, SourceError, StoreError
 from medmeta.evaluation.protocol import resolve_sources
 from medmeta.evaluation.sweep import Sweep
 from medmeta.tasktype import TaskType
@@ -279,12 +282,14 @@ DAMAGE = ("missing images", "missing labels", "missing split", "label count", "s
           "dataset id", "label value", "image twice", "image shape")
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["copy", "in-place"])
 @pytest.mark.parametrize("case", DAMAGE)
-def test_a_damaged_dataset_is_one_line_and_no_store_file(medimeta, tmp_path: Path, capsys, case: str) -> None:
+def test_a_damaged_dataset_is_one_line_and_no_store_file(medimeta, tmp_path: Path, capsys, case: str,
+                                                         in_place: bool) -> None:
     folder, _ = medimeta
     dataset, message = _damage(folder, case)
     root = tmp_path / "root"
-    assert prepare(folder, root, dataset, "--size", "28") == 2
+    assert prepare(folder, root, dataset, *(["--in-place"] if in_place else ["--size", "28"])) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
@@ -300,6 +305,168 @@ def test_a_refused_rebuild_keeps_the_file_built_before(medimeta, tmp_path: Path,
     _damage(folder, "label count")
     assert prepare(folder, root, "pbc", "--size", "28", "--force") == 2
     assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+# --- in place ---------------------------------------------------------------------------------------------
+
+
+def in_place_files(store: Store, dataset: str) -> tuple[Path, list[str]]:
+    """A dataset's store file at its own size, and the images.hdf5 each split's images read (none: copied)."""
+    path = store.store_dir / f"medimeta-{dataset}_{SIZE}.h5"
+    with h5py.File(path, "r") as fh:
+        return path, [fh[f"{s}/images"].virtual_sources()[0].file_name if fh[f"{s}/images"].is_virtual else ""
+                      for s in SPLITS]
+
+
+def test_in_place_gives_the_tasks_a_copy_gives_without_copying_the_images(medimeta, tmp_path: Path, capsys) -> None:
+    folder, written = medimeta
+    assert prepare(folder, tmp_path / "copy") == 0
+    assert prepare(folder, tmp_path / "in_place", "--in-place") == 0
+    out = capsys.readouterr().out
+    assert f"built: pbc {SIZE}px -> {tmp_path / 'in_place' / 'store' / f'medimeta-pbc_{SIZE}.h5'}, reading " \
+           f"{folder.resolve() / 'pbc' / 'images.hdf5'} in place (tasks pbc:cell_class)" in out
+    manifest = load_manifest(folder)
+    copy, in_place = Store(tmp_path / "copy", manifest), Store(tmp_path / "in_place", manifest)
+    for dataset in DATASETS:
+        path, sources = in_place_files(in_place, dataset)
+        assert sources == [str(folder.resolve() / dataset / "images.hdf5")] * 3
+        assert in_place_files(copy, dataset)[1] == ["", "", ""]
+        copied = copy.store_dir / path.name
+        assert path.stat().st_size * 4 < copied.stat().st_size, (path.stat().st_size, copied.stat().st_size)
+        with h5py.File(path, "r") as a, h5py.File(copied, "r") as b:  # the same bytes, read another way
+            names = [n for n in sorted(_datasets(b)) if n.endswith("images") or "/labels" in n]
+            assert names and sorted(_datasets(a)) == sorted(_datasets(b))
+            assert all(a[n].attrs["md5"] == b[n].attrs["md5"] for n in names)
+    for name in sorted(TASK_NAMES):
+        dataset = name.split(":")[0]
+        for split in (*SPLITS, "all"):
+            indices = np.concatenate([split_indices(written[dataset].folder, s)
+                                      for s in (SPLITS if split == "all" else (split,))])
+            want = MedMNISTTask(copy, name, split, size=SIZE)
+            for in_memory in (True, False):
+                task = MedMNISTTask(in_place, name, split, size=SIZE, in_memory=in_memory)
+                assert task.in_memory == in_memory and len(task) == len(want) == len(indices)
+                np.testing.assert_array_equal(task.labels, want.labels)
+                rows = np.random.default_rng(0).permutation(len(task))
+                np.testing.assert_array_equal(task.raw_images(rows), written[dataset].images[indices[rows]])
+            worker = pickle.loads(pickle.dumps(task))  # a DataLoader worker opens the file again
+            np.testing.assert_array_equal(worker.raw_images(rows[:5]), want.raw_images(rows[:5]))
+    for name in ("cxr:disease_labels", "dr_regular:artifact"):
+        episodes = [EpisodeSampler(MedMNISTTask(store, name, "all", size=SIZE), n_way="all", k_shot=2, n_query=3,
+                                   n_episodes=3, seed=0, min_class_samples=5) for store in (copy, in_place)]
+        for i in range(3):
+            a, b = (sampler.episode(i) for sampler in episodes)
+            assert a.classes == b.classes
+            for x, y in ((a.support_x, b.support_x), (a.support_y, b.support_y), (a.query_x, b.query_x)):
+                assert torch.equal(x, y)
+    assert medmeta_main(["verify", "--medimeta", str(folder), "--root", str(tmp_path / "in_place")]) == 0
+    # A file built in place stays so: skipped, rebuilt (--force) or built by the protocol; --in-place
+    # turns a copy into one.
+    path, _ = in_place_files(in_place, "pbc")
+    stamp = path.stat().st_mtime_ns
+    assert prepare(folder, tmp_path / "in_place", "pbc") == 0 and in_place.build("pbc:cell_class", SIZE) == path
+    assert path.stat().st_mtime_ns == stamp and "already built: pbc 32px" in capsys.readouterr().out
+    assert prepare(folder, tmp_path / "in_place", "pbc", "--force") == 0 and in_place_files(in_place, "pbc")[1][0]
+    assert path.stat().st_mtime_ns != stamp
+    assert prepare(folder, tmp_path / "copy", "pbc", "--in-place") == 0
+    assert "built: pbc 32px" in capsys.readouterr().out and in_place_files(copy, "pbc")[1][0]
+
+
+def _datasets(fh: h5py.File) -> list[str]:
+    names: list[str] = []
+    fh.visititems(lambda name, node: names.append(name) if isinstance(node, h5py.Dataset) else None)
+    return names
+
+
+def test_in_place_at_a_smaller_size_is_a_resized_copy_and_says_so(medimeta, tmp_path: Path, capsys) -> None:
+    folder, written = medimeta
+    root = tmp_path / "root"
+    assert prepare(folder, root, "aml", "--in-place", "--size", "28", "--size", str(SIZE)) == 0
+    out = capsys.readouterr().out
+    assert "built: aml 28px" in out and ", a resized copy (--in-place reads images.hdf5 at its own 32px)" in out
+    assert f"built: aml {SIZE}px" in out and "aml/images.hdf5 in place" in out
+    store = Store(root, load_manifest(folder))
+    with h5py.File(store.path("aml:morphological_class", 28), "r") as fh:
+        assert not fh["train/images"].is_virtual
+    task = MedMNISTTask(store, "aml:morphological_class", "test", size=28)
+    images = written["aml"].images[split_indices(written["aml"].folder, "test")]
+    np.testing.assert_array_equal(task.raw_images(np.arange(len(task))), supersampled_area(images, 28))
+    assert medmeta_main(["info", "--medimeta", str(folder), "--root", str(root)]) == 0
+    assert "built at 28, 32px (32px reading images.hdf5 in place)" in capsys.readouterr().out
+    # MedMNIST's npz files are copied: --in-place without --medimeta is refused.
+    assert medmeta_main(["prepare", "retina", "--in-place", "--root", str(root)]) == 2
+    assert "--in-place reads MedIMeta datasets' images.hdf5 where they are" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="only a MedIMeta dataset's images.hdf5 is read in place"):
+        store.build("retina", 28, in_place=True)
+
+
+def _change_images(path: Path, case: str) -> None:
+    """Change a dataset's images.hdf5 after an in-place build: replaced by another version (more
+    images), one pixel written in place (same size, later time), or removed."""
+    time.sleep(0.02)  # past the filesystem's timestamp granularity
+    if case == "replaced":
+        with h5py.File(path, "r") as fh:
+            images = fh["images"][()]
+        with h5py.File(path, "w") as fh:
+            fh.create_dataset("images", data=np.concatenate([images, images[:1]]))
+    elif case == "modified":
+        size = path.stat().st_size
+        with h5py.File(path, "r+") as fh:
+            fh["images"][3, 0, 0] = 255 - fh["images"][3, 0, 0]
+        assert path.stat().st_size == size
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("case", ["replaced", "modified", "missing"])
+def test_an_in_place_file_whose_images_hdf5_changed_is_refused_in_one_line(medimeta, tmp_path: Path, capsys,
+                                                                             case: str) -> None:
+    folder, written = medimeta
+    root = tmp_path / "root"
+    assert prepare(folder, root, "pbc", "--in-place") == 0
+    store = Store(root, load_manifest(folder))
+    source = folder.resolve() / "pbc" / "images.hdf5"
+    assert len(MedMNISTTask(store, "pbc:cell_class", "train", size=SIZE)) == 40
+    _change_images(source, case)
+    what = "is missing" if case == "missing" else "changed since this store file was built to read it in place"
+    fix = f"rebuild it with `medmeta prepare --medimeta {folder.resolve()} pbc --size {SIZE} --force`"
+    for in_memory in (True, False):
+        with pytest.raises(StoreError) as refused:
+            MedMNISTTask(store, "pbc:cell_class", "train", size=SIZE, in_memory=in_memory)
+        line = str(refused.value)
+        assert "\n" not in line and f"{source} {what}" in line and fix in line, line
+    assert not store.is_built("pbc:cell_class", SIZE)
+    capsys.readouterr()
+    assert medmeta_main(["verify", "--medimeta", str(folder), "--root", str(root)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("FAILED: ") and f"{source} {what}" in err, err
+    # Building again reads the folder as it is now: refused whole, or in place again.
+    expected = {"replaced": r"cell class\.npy: 80 labels for the 81 images of images\.hdf5",
+                "missing": r"pbc/images\.hdf5 is missing: dataset pbc has no images"}
+    if case in expected:
+        assert prepare(folder, root, "pbc") == 2 and re.search(expected[case], capsys.readouterr().err)
+    else:
+        assert prepare(folder, root, "pbc") == 0 and "in place" in capsys.readouterr().out
+        task = MedMNISTTask(store, "pbc:cell_class", "all", size=SIZE)
+        row = np.flatnonzero(np.concatenate([split_indices(folder / "pbc", s) for s in SPLITS]) == 3)
+        assert task.raw_images(row)[0, 0, 0, 0] == 255 - written["pbc"].images[3, 0, 0, 0]
+
+
+def test_verify_reads_the_images_in_place_against_their_md5(medimeta, tmp_path: Path, capsys) -> None:
+    """Opening compares the source's size and time; a change that keeps both (a copy with its time
+    kept) is what ``verify`` is for: it reads every image against the MD5 the build recorded."""
+    folder, _ = medimeta
+    root = tmp_path / "root"
+    assert prepare(folder, root, "cxr", "--in-place") == 0
+    source = folder / "cxr" / "images.hdf5"
+    before = source.stat()
+    with h5py.File(source, "r+") as fh:
+        fh["images"][7] = 255 - fh["images"][7]
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    capsys.readouterr()
+    assert medmeta_main(["verify", "--medimeta", str(folder), "--root", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert "medimeta-cxr_32.h5: " in err and "images content does not match its recorded MD5" in err, err
 
 
 def test_prepare_refuses_sizes_and_names_the_folder_does_not_have(medimeta, tmp_path: Path, capsys) -> None:
@@ -415,6 +582,29 @@ def test_cdfsl_runs_a_medimeta_target_with_the_other_datasets_as_sources(medimet
     checkpoint = next((tmp_path / "out" / "pretrained").glob("mmpt-*/checkpoint.pt"))
     heads = {k.split(".")[1] for k in torch.load(checkpoint, weights_only=False)["model"] if k.startswith("heads.")}
     assert len(heads) == 4
+
+
+def test_cdfsl_runs_on_a_store_read_in_place(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The protocol pretrains on sources and adapts to a target whose images it reads from the
+    folders' images.hdf5 (generated at 28px, a size the protocol takes), and builds nothing again."""
+    for env in ("MEDMETA_MANIFEST", "MEDMETA_SOURCE_DIR", "MEDMETA_ROOT"):
+        monkeypatch.delenv(env, raising=False)
+    folder, root = tmp_path / "medimeta", tmp_path / "root"
+    write_medimeta(folder, size=28)
+    assert prepare(folder, root, "--in-place") == 0
+    files = sorted((root / "store").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in files]
+    results = cdfsl.main(["--medimeta", str(folder), "--target", "dr_regular:dr_level", "--sources", "available",
+                          "--methods", "mmpt+knn", "--config", "smoke", "--root", str(root),
+                          "--out", str(tmp_path / "out"),
+                          "--device", "cpu", "--size", "28", "--shots", "2", "--set", "episodes.queries=2",
+                          "--set", "episodes.min_class_samples=5"])
+    assert results["sources"] == ["aml:morphological_class", "cxr:disease_labels", "cxr:patient_sex", "pbc:cell_class"]
+    assert results["methods"]["mmpt+knn"]["summary"]["episodes"] == 3
+    assert sorted((root / "store").iterdir()) == files and [p.stat().st_mtime_ns for p in files] == stamps
+    for path in files:
+        with h5py.File(path, "r") as fh:
+            assert all(fh[f"{s}/images"].is_virtual for s in SPLITS), path
 
 
 def test_supervised_baselines_train_on_medimeta_tasks(medimeta, tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ Layout: ``{root}/store/{subset}_{size}.h5`` holds ``{split}/images`` and ``{spli
 MedIMeta dataset's tasks share ``{root}/store/medimeta-{id}_{size}.h5``: ``{split}/images`` once
 and ``{split}/labels/{task}`` per task (``SubsetInfo.file_stem`` and ``labels_key``), built from
 the dataset's folder instead of an npz file (``medmeta.data.medimeta``), with the same chunks,
-checksums and atomic writes.
+checksums and atomic writes; built in place, its ``{split}/images`` are virtual datasets reading the
+folder's ``images.hdf5``, and the file is refused on opening once that file is missing or changed.
 
 Images are chunked so that one chunk holds roughly ``CHUNK_BYTES`` of whole images: a
 224px RGB image is its own chunk, so a random read decompresses one image and memory stays
@@ -36,11 +37,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..errors import StoreError
+from ..errors import ConfigError, StoreError
 from ..files import atomic_path, ensure_folder
 from .fetch import fetch, iter_npz_rows, npz_array_shape
 from .manifest import SPLITS, Manifest, SubsetInfo, load_manifest
-from .medimeta import iter_images, read_contents, read_dataset
+from .medimeta import (IN_PLACE_ATTRS, in_place_images, in_place_problem, iter_images, read_contents, read_dataset,
+                       source_record)
 
 ROOT_ENV = "MEDMETA_ROOT"
 FORMAT_VERSION = 2
@@ -94,12 +96,30 @@ def label_datasets(fh: h5py.File, split: str) -> list[h5py.Dataset]:
 
 
 def open_store_file(path: Path) -> h5py.File:
-    """Open a store file for reading; one StoreError line when it cannot be read."""
+    """Open a store file for reading; one StoreError line when it cannot be read, or when it reads
+    its images in place from an ``images.hdf5`` missing or changed since it was built."""
     try:
-        return h5py.File(path, "r")
+        fh = h5py.File(path, "r")
     except OSError as exc:
         reason = exc.strerror or " ".join(str(exc).split())
         raise StoreError(f"{path}: cannot read this store file ({reason})") from None
+    problem = in_place_problem(fh.attrs)
+    if problem:
+        attrs = dict(fh.attrs)
+        fh.close()
+        command = (f"medmeta prepare --medimeta {Path(str(attrs['source_file'])).parent} {attrs['subset']} "
+                   f"--size {attrs['size']} --force")
+        raise StoreError(f"{path}: {problem}; rebuild it with `{command}`")
+    return fh
+
+
+def reads_in_place(path: Path) -> bool:
+    """Whether a store file reads its images from a MedIMeta ``images.hdf5`` (False when absent or unreadable)."""
+    try:
+        with h5py.File(path, "r") as fh:
+            return IN_PLACE_ATTRS[0] in fh.attrs
+    except OSError:
+        return False
 
 
 def labels_problem(fh: h5py.File) -> str:
@@ -150,32 +170,51 @@ class Store:
 
     def is_built(self, subset: str, size: int) -> bool:
         """True when the file exists, was built from the file the manifest names in this format,
-        and its labels match their recorded MD5 (a file failing this is rebuilt by ``build``)."""
+        its labels match their recorded MD5 and, read in place, its images.hdf5 is unchanged (a file
+        failing this is rebuilt by ``build``)."""
         path = self.path(subset, size)
         if not path.is_file():
             return False
         try:
             with h5py.File(path, "r") as fh:
                 return (fh.attrs.get("source_md5") == self.manifest[subset].file(size).md5
-                        and int(fh.attrs.get("format_version", -1)) == FORMAT_VERSION and not labels_problem(fh))
+                        and int(fh.attrs.get("format_version", -1)) == FORMAT_VERSION and not labels_problem(fh)
+                        and not in_place_problem(fh.attrs))
         except OSError:
             return False
 
+    def _in_place(self, subset: str, size: int, in_place: bool) -> bool:
+        """Whether ``build`` makes (subset, size) read in place: a file built so stays so; ``in_place``
+        asks it of a MedIMeta dataset at its own size (a smaller size is a resized copy)."""
+        info = self.manifest[subset]
+        if in_place and info.medimeta is None:
+            raise ConfigError(f"{info.name}: only a MedIMeta dataset's images.hdf5 is read in place; MedMNIST's "
+                              "npz files are copied into the store")
+        return reads_in_place(self.path(subset, size)) or (in_place and size == max(info.sizes))
+
+    def up_to_date(self, subset: str, size: int, in_place: bool = False) -> bool:
+        """Whether ``build`` skips (subset, size): built, and read in place when it would be built so."""
+        subset = self.manifest.resolve(subset)
+        wanted = self._in_place(subset, size, in_place)
+        return self.is_built(subset, size) and reads_in_place(self.path(subset, size)) == wanted
+
     def build(self, subset: str, size: int = 28, source_dir: str | Path | None = None,
-              download: bool = True, force: bool = False) -> Path:
+              download: bool = True, force: bool = False, in_place: bool = False) -> Path:
         """Fetch, verify and convert one official npz (or a MedIMeta dataset's folder, every task of
         it); skip when already built (unless ``force``).
 
         ``fetch`` (``read_contents`` for MedIMeta) refuses a file whose MD5, layout or labels (every
         one in the manifest's classes) do not match before the temporary store file is made, so a
-        refused build leaves nothing."""
+        refused build leaves nothing. ``in_place``: a MedIMeta dataset at its own size reads its
+        ``images.hdf5`` where it is instead of copying the images; a file built so stays so when
+        rebuilt (delete it to build a copy)."""
         subset = self.manifest.resolve(subset)
         target = self.path(subset, size)
-        if not force and self.is_built(subset, size):
+        if not force and self.up_to_date(subset, size, in_place):
             return target
         info = self.manifest[subset]
         if info.medimeta is not None:
-            return self._build_medimeta(info, size, target)
+            return self._build_medimeta(info, size, target, self._in_place(subset, size, in_place))
         npz = fetch(info, size, self.download_dir, source_dir=source_dir, download=download)
         ensure_folder(self.store_dir)
         needs = sum(int(np.prod(npz_array_shape(npz, f"{split}_{part}"))) for split in SPLITS
@@ -191,14 +230,16 @@ class Store:
                                      desc=f"{subset}_{size} {split} {part}")
         return target
 
-    def _build_medimeta(self, info: SubsetInfo, size: int, target: Path) -> Path:
+    def _build_medimeta(self, info: SubsetInfo, size: int, target: Path, in_place: bool) -> Path:
         """One store file for every task of a MedIMeta dataset at ``size`` (see ``medmeta.data.medimeta``):
-        the folder as it is now, checked whole before the temporary file is made."""
+        the folder as it is now, checked whole before the temporary file is made. ``in_place`` (its
+        own size only): the images stay in ``images.hdf5``, each split's read once for its MD5."""
         assert info.home is not None  # a MedIMeta subset's folder (manifest.medimeta_manifest)
         dataset = read_dataset(info.home)
         contents = read_contents(dataset)
+        record = source_record(contents) if in_place else {}
         ensure_folder(self.store_dir)
-        image_bytes = int(np.prod(dataset.image_shape(size)))
+        image_bytes = 8 if in_place else int(np.prod(dataset.image_shape(size)))  # in place: a row of the mapping
         needs = sum(len(i) * (image_bytes + sum(lab.shape[1] for lab in contents.labels.values()))
                     for i in contents.indices.values()) + 2**20
         with atomic_path(target, needs_bytes=needs) as tmp, h5py.File(tmp, "w") as fh:
@@ -206,11 +247,15 @@ class Store:
                             source_file=str(dataset.folder), source_md5=dataset.digest,
                             manifest_version=self.manifest.version, medmeta_version=__version__,
                             format_version=FORMAT_VERSION,
-                            built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                            built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **record)
             for split in SPLITS:
                 indices = contents.indices[split]
-                self._write_array(fh, f"{split}/images", (len(indices), *dataset.image_shape(size)),
-                                  iter_images(dataset, indices, size), f"{info.stem}_{size} {split} images")
+                images, desc = iter_images(dataset, indices, size), f"{info.stem}_{size} {split} images"
+                if in_place:
+                    in_place_images(fh, f"{split}/images", dataset, indices).attrs["md5"] = \
+                        _md5_rows(images, len(indices), desc)
+                else:
+                    self._write_array(fh, f"{split}/images", (len(indices), *dataset.image_shape(size)), images, desc)
                 for key, labels in contents.labels.items():
                     self._write_array(fh, f"{split}/labels/{key}", (len(indices), labels.shape[1]), [labels[indices]])
         return target
@@ -233,15 +278,7 @@ class Store:
             name, shape=shape, dtype=np.uint8,
             chunks=(min(total, chunk_rows(tuple(row_shape))), *row_shape) if is_images else True,
             compression="lzf" if is_images else None, fletcher32=True)
-        digest = hashlib.md5()
-        start = 0
-        with tqdm(total=total, desc=desc, unit="img", leave=False, disable=None if desc else True) as bar:
-            for block in blocks:
-                dset[start:start + len(block)] = block
-                digest.update(np.ascontiguousarray(block).tobytes())
-                start += len(block)
-                bar.update(len(block))
-        dset.attrs["md5"] = digest.hexdigest()
+        dset.attrs["md5"] = _md5_rows(blocks, total, desc, into=dset)
 
     def verify(self, subset: str, size: int) -> Entry:
         """Re-read a built file: provenance, split counts and shapes against the manifest, every
@@ -255,6 +292,9 @@ class Store:
         except OSError as exc:
             raise StoreError(problem % f"not a readable HDF5 file ({' '.join(str(exc).split())})") from None
         with fh:
+            changed = in_place_problem(fh.attrs)
+            if changed:
+                raise StoreError(problem % changed)
             if fh.attrs.get("source_md5") != info.file(size).md5:
                 raise StoreError(problem % "built from a file other than the one the manifest names")
             counts = {}
@@ -286,13 +326,28 @@ class Store:
             try:
                 with h5py.File(path, "r") as fh:
                     counts = {split: int(fh[f"{split}/{key}"].shape[0]) for split in SPLITS}
-                    problem = labels_problem(fh)
+                    problem = labels_problem(fh) or in_place_problem(fh.attrs)
                     entries.append(Entry(subset, size, counts, str(fh.attrs.get("source_md5")),
                                          str(fh.attrs.get("built_at")), path, problem))
             except (OSError, KeyError) as exc:
                 entries.append(Entry(subset, size, {s: 0 for s in SPLITS}, "", "", path,
                                      f"unreadable ({' '.join(str(exc).split())})"))
         return entries
+
+
+def _md5_rows(blocks: Iterable[np.ndarray], total: int, desc: str | None, into: h5py.Dataset | None = None) -> str:
+    """MD5 of uint8 blocks of rows (``total`` in all), each written to the next rows of ``into`` first
+    when given; a progress bar when ``desc``."""
+    digest = hashlib.md5()
+    start = 0
+    with tqdm(total=total, desc=desc, unit="img", leave=False, disable=None if desc else True) as bar:
+        for block in blocks:
+            if into is not None:
+                into[start:start + len(block)] = block
+            digest.update(np.ascontiguousarray(block).tobytes())
+            start += len(block)
+            bar.update(len(block))
+    return digest.hexdigest()
 
 
 def _dataset_md5(dset: h5py.Dataset) -> str:
