@@ -32,7 +32,8 @@ from medmeta.errors import ConfigError, MedmetaError
 from medmeta.evaluation import Protocol, load_experiment_config
 from medmeta.evaluation.config import methods_help
 from medmeta.evaluation.curves import Curve
-from medmeta.evaluation.sweep import Launcher, Sweep
+from medmeta.evaluation.launch import Launcher, relaunch_under_torchrun
+from medmeta.evaluation.sweep import Sweep
 from medmeta.learning.runtime import configure_threads
 from medmeta.settings import comma_list, nested, seed_list, shot_list
 
@@ -92,15 +93,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
-    """Run this script with the same arguments in ``nproc`` processes, with torch's own launcher."""
-    from torch.distributed.run import main as torchrun
-
-    args = [a for i, a in enumerate(argv) if a != "--nproc" and (i == 0 or argv[i - 1] != "--nproc")
-            and not a.startswith("--nproc=")]
-    torchrun(["--standalone", f"--nproc_per_node={nproc}", __file__, *args])
-
-
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The command-line flags as a nested config mapping (flags left out change nothing)."""
     sources = args.sources if args.sources in (None, "default", "available") else comma_list(args.sources)
@@ -117,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.nproc > 1 and not distributed.launched():
-        relaunch_under_torchrun(args.nproc, argv)
+        relaunch_under_torchrun(args.nproc, __file__, argv)
         return None
     try:
         warning = configure_threads(args.threads)

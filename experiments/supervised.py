@@ -2,15 +2,20 @@
 
     MEDMETA_SOURCE_DIR=../shared/data/medmnist python experiments/supervised.py --dataset breast
     MEDMETA_SOURCE_DIR=../shared/data/medmnist python experiments/supervised.py --dataset all --seeds 0,1,2
+    python experiments/supervised.py --config medmnist_plus --launcher slurm     # MedMNIST+'s whole grid
 
-Per dataset and seed: end-to-end training, a linear probe and k-NN (k=11) on frozen features and
-a scikit-learn model search on flattened pixels (2D); end-to-end 2.5D, 3D and ACS ResNets and
-the pixel search (3D). Writes baselines.json, baselines.csv, baselines.md and per-run folders
-(result, checkpoint, TensorBoard) under --out; rerunning reuses finished runs and resumes
-training. Profiles: the defaults are MedMNIST v2's recipe; --config supervised_plus is MedMNIST+'s.
---arch takes any backbone (resnet18, alexnet, timm names such as vit_base_patch16_224.dino), several
-at once (one table with an arch column); --init pretrained starts from its published weights.
---combine joins the tables of several such runs (other subsets, sizes or budgets) into one:
+A grid: datasets x sizes (--size 28,64) x architectures (--arch resnet18,vgg16,...) x schemes x
+seeds, one job per cell, run here (split across processes with --nproc), or on SLURM through
+submitit (--launcher slurm); a rerun redoes nothing finished. Schemes: end-to-end training, a
+linear probe and k-NN (k=11) on frozen features (one feature cache per backbone) and a
+scikit-learn model search on flattened pixels (2D); end-to-end 2.5D, 3D and ACS ResNets and the
+pixel search (3D). Writes baselines.{json,csv,md} (with each cell's wall time, images/s, peak
+memory and parameters), with several sizes, schemes or architectures the grid's averages,
+resolution transitions, Friedman/Wilcoxon tests and figure (grid.*), and per-cell folders
+(result, checkpoint, TensorBoard) under --out. Profiles: the defaults are MedMNIST v2's recipe;
+--config supervised_plus is MedMNIST+'s recipe, --config medmnist_plus its whole grid (ten
+architectures, four sizes, its three seeds). --init pretrained starts from published weights.
+--combine joins the tables of several such runs into one:
 
     python experiments/supervised.py --combine runs/supervised runs/supervised_3d --out runs/supervised_all
 """
@@ -22,12 +27,14 @@ import sys
 from pathlib import Path
 from typing import get_args
 
+from medmeta import distributed
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
-from medmeta.errors import ConfigError, MedmetaError
+from medmeta.errors import MedmetaError
 from medmeta.evaluation.baselines import BaselineConfig, Baselines, Init, Resize, combine_folders
+from medmeta.evaluation.launch import Launcher, relaunch_under_torchrun
 from medmeta.learning.runtime import configure_threads
-from medmeta.settings import comma_list, load_settings, nested, seed_list
+from medmeta.settings import comma_list, load_settings, nested, seed_list, size_list
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -39,12 +46,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--seeds", type=seed_list, help="comma list of distinct seeds, e.g. 0,1,2")
     parser.add_argument("--schemes", type=comma_list, help="end2end, linear, knn, pixels (default: all)")
     parser.add_argument("--convs", type=comma_list, help="3D convolutions: 2.5d, 3d, acs (default: all)")
-    parser.add_argument("--size", type=int, help="image size of the official files (28, 64, 128, 224)")
+    parser.add_argument("--size", type=size_list, help="image sizes of the official files (comma list of 28, 64, 128, "
+                                                       "224); with several, a dataset's size not here is skipped")
     parser.add_argument("--input-size", type=int, help="feed images to the network at this size (MedMNIST+: 224)")
     parser.add_argument("--resize", choices=get_args(Resize), help="how: zero-padding (MedMNIST+'s code) or bilinear")
     parser.add_argument("--epochs", type=int, help="training epochs (config key train.epochs)")
     parser.add_argument("--arch", type=comma_list, help="backbones (comma list): resnet18, resnet50, alexnet or timm "
-                                                        "names; several: one table with an arch column (model.arch)")
+                                                        "names (config key archs)")
     parser.add_argument("--init", choices=get_args(Init), help="scratch (random; MedMNIST v2) or pretrained (the "
                                                               "architecture's published weights; MedMNIST+)")
     parser.add_argument("--weights", help="a local weights file for --init pretrained (one --arch)")
@@ -58,14 +66,29 @@ def main(argv: list[str] | None = None) -> dict | None:
                         help="a MedIMeta data path (the folder holding its dataset folders): its tasks are datasets "
                              "here as DATASET:TASK (repeatable)")
     parser.add_argument("--out", help="output folder (default runs/supervised)")
+    parser.add_argument("--launcher", choices=get_args(Launcher), default="local",
+                        help="run the cells here, on SLURM through submitit, or in submitit's local executor")
+    parser.add_argument("--no-wait", action="store_true", help="with --launcher slurm: submit and return; the same "
+                                                               "command later collects the table")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine, each running its share of the "
+                                                             "cells (re-launches this command under torchrun)")
+    parser.add_argument("--partition", help="SLURM partition (or slurm.partition)")
+    parser.add_argument("--gpus", type=int, help="GPUs per SLURM job (or slurm.gpus_per_node)")
+    parser.add_argument("--time", type=int, help="SLURM time limit per cell in minutes (or slurm.timeout_min)")
+    parser.add_argument("--mem", type=int, help="memory per SLURM job in GB (or slurm.mem_gb)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="write one table (to --out) from the baselines.json of these earlier --out folders")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    if args.nproc > 1 and not distributed.launched():
+        relaunch_under_torchrun(args.nproc, __file__, argv)
+        return None
     overrides = nested({"datasets": args.dataset, "seeds": args.seeds, "schemes": args.schemes, "convs": args.convs,
-                        "size": args.size, "input_size": args.input_size, "resize": args.resize,
+                        "sizes": args.size, "archs": args.arch, "input_size": args.input_size, "resize": args.resize,
                         "train.epochs": args.epochs, "model.weights": args.weights, "device": args.device,
-                        "init": args.init})
+                        "init": args.init, "slurm.partition": args.partition, "slurm.gpus_per_node": args.gpus,
+                        "slurm.timeout_min": args.time, "slurm.mem_gb": args.mem})
     if args.combine:
         if args.out is None:
             parser.error("--combine needs --out, the folder of the combined table")
@@ -78,28 +101,14 @@ def main(argv: list[str] | None = None) -> dict | None:
             sys.exit(2)
     try:
         warning = configure_threads(args.threads)
-        archs = args.arch or [None]
-        if args.weights and len(archs) > 1:
-            raise ConfigError("--weights is one architecture's file: give one --arch with it")
-        out = Path(args.out or "runs/supervised")
-        runs = []  # one Baselines per architecture, each checked before any runs
-        for i, arch in enumerate(archs):
-            sets = [*args.set, *([f"model.arch={arch}"] if arch else [])]
-            config = load_settings(BaselineConfig, args.config, CONFIGS, overrides, sets)
-            if i > 0:  # the pixel search uses no network: it runs once, with the first architecture
-                config = config.replace(schemes=[s for s in config.schemes if s != "pixels"])
-                if not config.schemes:
-                    continue
-            runs.append(Baselines(config, out / arch if len(archs) > 1 else out, root=args.root,
-                                  source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV),
-                                  manifest=load_manifest([*(args.manifest or []), *(args.medimeta or [])]),
-                                  published=CONFIGS / "published_baselines.yaml"))
-        if warning:
+        config = load_settings(BaselineConfig, args.config, CONFIGS, overrides, args.set)
+        baselines = Baselines(config, Path(args.out or "runs/supervised"), root=args.root,
+                              source_dir=args.source_dir or os.environ.get(SOURCE_DIR_ENV),
+                              manifest=load_manifest([*(args.manifest or []), *(args.medimeta or [])]),
+                              published=CONFIGS / "published_baselines.yaml")
+        if warning and distributed.is_main():  # every input is valid: the work starts now
             print(warning, file=sys.stderr)
-        results = [b.run() for b in runs]
-        if len(runs) == 1:
-            return results[0]
-        return combine_folders([b.out for b in runs], out, CONFIGS / "published_baselines.yaml")
+        return baselines.run(args.launcher, wait=not args.no_wait)
     except MedmetaError as exc:
         print(f"supervised: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -75,6 +75,11 @@ def sweep_stale_temporaries(folder: Path) -> list[Path]:
     return removed
 
 
+def safe_name(name: str) -> str:
+    """``name`` as one path component (a method, an architecture such as ``hf-hub:owner/model``)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
+
+
 def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 

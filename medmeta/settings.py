@@ -282,6 +282,20 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def size_list(text: str) -> list[int]:
+    """``--size 28,64`` as a list of distinct integers, for argparse's ``type=`` (the config checks
+    each is an image size)."""
+    sizes = []
+    for item in comma_list(text):
+        if not item.isdigit():
+            raise argparse.ArgumentTypeError(f"sizes are integers (28, 64, 128, 224), got {item!r} in {text!r}")
+        sizes.append(int(item))
+    twice = repeated(sizes)
+    if twice is not None:
+        raise argparse.ArgumentTypeError(f"sizes must be distinct; {twice} is given twice")
+    return sizes
+
+
 def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted keys (``{"pretrain.steps": 5}``, e.g. command-line flags) as nested mappings; None values are left out."""
     out: dict[str, Any] = {}

@@ -57,9 +57,9 @@ def test_every_scheme_and_convolution_and_the_table(store: Store, synthetic: Syn
     assert {(r["epochs"], r["batch_size"]) for r in combined["table"] if not r["scheme"].startswith("end2end")} == {
         (None, None)}
     # A second run reuses every finished run.
-    stamp = (tmp_path / "out" / "tclass" / "end2end" / "seed0" / "result.json").stat().st_mtime_ns
+    stamp = (tmp_path / "out" / "tclass" / "28px" / "resnet18" / "end2end" / "seed0" / "result.json").stat().st_mtime_ns
     assert baselines.run()["table"] == combined["table"]
-    assert (tmp_path / "out" / "tclass" / "end2end" / "seed0" / "result.json").stat().st_mtime_ns == stamp
+    assert (tmp_path / "out" / "tclass" / "28px" / "resnet18" / "end2end" / "seed0" / "result.json").stat().st_mtime_ns == stamp
 
 
 def test_a_bf16_trained_checkpoint_is_not_resumed_as_fp32(store: Store, synthetic: Synthetic, tmp_path: Path,
@@ -129,7 +129,7 @@ def test_a_pixel_search_cached_without_a_candidate_is_redone_when_it_fits(
         capsys: pytest.CaptureFixture) -> None:
     _, need = pixel_memory([MedMNISTTask(store, "toyclass", s) for s in ("train", "val", "test")])
     config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "schemes": ["pixels"], "device": "cpu"})
-    cache = tmp_path / "out" / "tclass" / "pixels" / "seed0" / "result.json"
+    cache = tmp_path / "out" / "tclass" / "28px" / "pixels" / "seed0" / "result.json"
 
     def run(memory: int) -> dict:
         """One run on a machine with ``memory`` available at its start, and less each time it is
@@ -258,13 +258,13 @@ def test_tables_of_runs_at_other_sizes_and_budgets_combine_into_one(store: Store
     store.build("toyclass", 64, source_dir=synthetic.source_dir)
     tables = []
     for size, epochs in ((28, 2), (64, 1)):
-        config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "seeds": [0, 1], "size": size, "device": "cpu",
+        config = from_mapping(BaselineConfig, {"datasets": ["toyclass"], "seeds": [0, 1], "sizes": [size], "device": "cpu",
                                                "schemes": ["end2end"], "train": {"epochs": epochs, "batch_size": 16}})
         tables.append(Baselines(config, tmp_path / f"s{size}", root=store.root, manifest=synthetic.manifest).run())
     combined = combine_folders([tmp_path / "s28", tmp_path / "s64"], tmp_path / "all")
     assert [(r["size"], r["epochs"]) for r in combined["table"]] == [(28, 2), (64, 1)]
     assert combined["table"] == tables[0]["table"] + tables[1]["table"]
-    assert [s["config"]["size"] for s in combined["sources"]] == [28, 64]
+    assert [s["config"]["sizes"] for s in combined["sources"]] == [[28], [64]]
     assert json.loads((tmp_path / "all" / "baselines.json").read_text())["table"] == combined["table"]
     assert "| tclass |" not in (tmp_path / "all" / "baselines.md").read_text()
     assert (tmp_path / "all" / "baselines.md").read_text().count("| toyclass | ") == 2
@@ -308,7 +308,7 @@ def test_linear_and_knn_share_one_feature_cache(store: Store, synthetic: Synthet
     first = Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()
     assert len(built) == 2  # one backbone per seed, for both rules
     assert len(list((tmp_path / "out" / "tclass" / "features").glob("*.pt"))) == 2
-    for result in (tmp_path / "out").glob("tclass/*/seed*/result.json"):
+    for result in (tmp_path / "out").glob("tclass/28px/resnet18/*/seed*/result.json"):
         result.unlink()  # the runs are redone ...
     again = Baselines(config, tmp_path / "out", root=store.root, manifest=synthetic.manifest).run()
     assert len(built) == 2  # ... from the cached features: no backbone is built again

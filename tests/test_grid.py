@@ -11,7 +11,7 @@ import pytest
 
 from medmeta.evaluation.grid import averages, cells, summarise_grid, transitions, write_grid
 
-from .conftest import Synthetic
+from .conftest import SYNTHETIC_SPECS, Synthetic, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
@@ -80,5 +80,98 @@ def test_the_pixel_search_runs_once_for_several_architectures(synthetic: Synthet
                                 "--seeds", "0", "--device", "cpu", "--root", str(tmp_path / "root"), "--source-dir",
                                 str(synthetic.source_dir), "--set", "bn_batches=1", "--out", str(tmp_path / "out")])
     assert len(searched) == 1
-    assert sorted((r["arch"], r["scheme"]) for r in combined["table"]) == [
-        ("resnet18", "knn"), ("test_resnet", "knn"), ("test_resnet", "pixels")]
+    assert sorted((r["arch"], r["init"], r["scheme"]) for r in combined["table"]) == [
+        ("-", "-", "pixels"), ("resnet18", "scratch", "knn"), ("test_resnet", "scratch", "knn")]  # pixels: no network
+
+
+def _grid(synthetic: Synthetic, tmp_path: Path, *extra: str) -> dict:
+    return supervised.main(["--dataset", "toyclass,toychest", "--size", "28,64", "--arch", "test_resnet,resnet18",
+                            "--schemes", "end2end,linear,knn", "--seeds", "0,1", "--epochs", "1", "--device", "cpu",
+                            "--root", str(tmp_path / "root"), "--source-dir", str(synthetic.source_dir),
+                            "--set", "bn_batches=1", "--set", "train.batch_size=32", "--out", str(tmp_path / "out"),
+                            *extra])
+
+
+def test_a_grid_of_sizes_is_killed_and_resumed_without_redoing_a_finished_cell(
+        tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 datasets x 2 sizes (toychest's 64px file is not here: skipped, one line) x 2 archs x 3
+    schemes x 2 seeds; killed after 5 cells, the rerun does only the 31 left, then the table has every cell."""
+    from medmeta.evaluation.baselines import Baselines
+
+    chest = SYNTHETIC_SPECS["toychest"]
+    synthetic = write_synthetic(tmp_path / "src", {**SYNTHETIC_SPECS, "toychest": (*chest[:-1], (28, 64))})
+    (synthetic.source_dir / "toychest_64.npz").unlink()
+    monkeypatch.setenv("MEDMETA_MANIFEST", str(synthetic.manifest_path))
+    done: list[str] = []
+    run_one = Baselines.run_one
+
+    def killed_after_five(self, cell):
+        if len(done) == 5:
+            raise KeyboardInterrupt  # the machine went away mid-grid
+        done.append(cell.name)
+        return run_one(self, cell)
+
+    monkeypatch.setattr(Baselines, "run_one", killed_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        _grid(synthetic, tmp_path)
+    printed = capsys.readouterr().out
+    assert printed.count("skipped: ") == 1 and "skipped: toychest at 64px: toychest_64.npz is neither in the store" in printed
+    computed: list[str] = []
+    monkeypatch.setattr(Baselines, "run_one", lambda self, cell: computed.append(cell.name) or run_one(self, cell))
+    combined = _grid(synthetic, tmp_path)
+    assert len(computed) == 3 * 2 * 3 * 2 - 5 and not set(computed) & set(done)
+    assert combined["skipped"] == ["toychest at 64px: toychest_64.npz is neither in the store nor in --source-dir "
+                                   "(`medmeta prepare` it to include it)"]
+    ran = {(r["dataset"], r["size"], r["arch"], r["scheme"], r["seed"]) for r in combined["runs"]}
+    assert len(ran) == 36 and {(d, s) for d, s, *_ in ran} == {("toyclass", 28), ("toyclass", 64), ("toychest", 28)}
+    for run in combined["runs"]:  # each cell's costs
+        assert run["params"] > 1000 and run["images_per_s"] > 0 and run["peak_memory_mb"] > 0 and run["seconds"] > 0
+    resnet = {r["params"] for r in combined["runs"] if r["arch"] == "resnet18" and r["scheme"] != "end2end"}
+    assert resnet == {11_176_512}  # ResNet-18's backbone without its head
+    md = (tmp_path / "out" / "baselines.md").read_text()
+    assert "| params (M) | images/s | peak MiB |" in md and "| 11.18 |" in md
+    summary = json.loads((tmp_path / "out" / "grid.json").read_text())
+    # size: one dataset has both sizes, too few blocks for a test; its transitions are counted
+    assert {t["factor"] for t in summary["tests"]} == {"scheme", "arch"}
+    assert summary["transitions"] and (tmp_path / "out" / "grid.png").is_file()
+    computed.clear()
+    assert _grid(synthetic, tmp_path)["table"] == combined["table"] and computed == []  # all finished: nothing run
+
+
+def test_a_grid_runs_its_cells_in_submitits_processes(synthetic: Synthetic, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEDMETA_MANIFEST", str(synthetic.manifest_path))
+    combined = supervised.main(["--dataset", "toyclass", "--arch", "test_resnet", "--schemes", "linear,knn",
+                                "--seeds", "0", "--device", "cpu", "--root", str(tmp_path / "root"), "--source-dir",
+                                str(synthetic.source_dir), "--set", "bn_batches=1", "--out", str(tmp_path / "out"),
+                                "--launcher", "submitit-local"])
+    assert sorted(json.loads((tmp_path / "out" / "jobs.json").read_text())) == [
+        "toyclass/28px/test_resnet/knn/seed0", "toyclass/28px/test_resnet/linear/seed0"]
+    assert list((tmp_path / "out" / "submitit").glob("*_log.out")), "the cells ran in submitit subprocesses"
+    assert [r["scheme"] for r in combined["table"]] == ["linear", "knn"]
+    assert len(list((tmp_path / "out" / "tclass" / "features").glob("*.pt"))) == 1  # one feature cache for both
+
+
+def test_the_medmnist_plus_profile_is_its_grid() -> None:
+    from medmeta.evaluation.baselines import BaselineConfig
+    from medmeta.settings import load_settings
+
+    config = load_settings(BaselineConfig, "medmnist_plus", REPO / "experiments" / "configs")
+    assert config.seeds == [9930641, 115149041, 252139603] and config.sizes == [28, 64, 128, 224]
+    assert len(config.archs) == 10 and "vit_base_patch16_224.dino" in config.archs and "alexnet" in config.archs
+    assert config.schemes == ["end2end", "linear", "knn"] and config.init == "pretrained"
+    assert (config.train.optimizer, config.train.lr, config.train.batch_size) == ("adamw", 0.0001, 64)
+
+
+def test_the_grid_refuses_model_arch_and_one_weights_file_for_several_archs() -> None:
+    from medmeta.errors import ConfigError
+    from medmeta.evaluation.baselines import BaselineConfig
+    from medmeta.settings import from_mapping
+
+    with pytest.raises(ConfigError, match=r"^config key model.arch: the supervised grid takes its backbones from archs"):
+        from_mapping(BaselineConfig, {"model": {"arch": "vgg16"}})
+    with pytest.raises(ConfigError, match=r"^config key model.weights: 'w.pth' is one architecture's file, and archs "
+                                          r"names 2: give one --arch with it$"):
+        from_mapping(BaselineConfig, {"archs": ["vgg16", "alexnet"], "init": "pretrained", "model": {"weights": "w.pth"}})
+    with pytest.raises(ConfigError, match=r"^config key sizes: sizes must be distinct; 28 is given twice"):
+        from_mapping(BaselineConfig, {"sizes": [28, 28]})

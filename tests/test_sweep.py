@@ -146,7 +146,7 @@ def test_an_unreadable_cache_file_is_warned_about_and_its_work_redone(synthetic:
     for text in ("{", "[]"):
         (sweep.out / "jobs.json").write_text(text)
         with pytest.raises(ConfigError, match=r"jobs\.json is not a readable record of submitted jobs: delete it"):
-            sweep._submit(sweep.jobs, "submitit-local", wait=False)
+            sweep.run("submitit-local", wait=False)
 
 
 def test_bf16_training_is_never_reused_for_an_fp32_run(synthetic: Synthetic, tmp_path: Path) -> None:

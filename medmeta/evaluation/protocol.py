@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from ..data.store import Store
 from ..data.tasks import MedMNISTTask, find_task
 from ..episodes import Episode, EpisodeSampler, EpisodeSet, load_episode_set, materialise, save_episode_set
 from ..errors import ConfigError, EpisodeError, MethodError, PluginError
-from ..files import file_digest, locked, read_cache, write_text_atomic
+from ..files import file_digest, locked, read_cache, safe_name, write_text_atomic
 from ..learning.finetune import source_statistics
 from ..learning.models import ARCHS, ModelConfig, changed_state, has_batchnorm, state_snapshot
 from ..learning.runtime import NOT_TRAINING_KEYS, deterministic_cudnn, resolve_device, resolved_precision
@@ -277,10 +276,6 @@ def init_folder(pretrained: Path, method: Method, config: ExperimentConfig, dims
     return pretrained / f"{settings['name']}-{stable_hash(identity)}"
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]", "_", name)
-
-
 class Protocol:
     """One leave-one-out experiment: its store, target, sources, episodes and output folders.
 
@@ -423,7 +418,7 @@ class Protocol:
 
     def run_method(self, method: Method, target: Target, writer: SummaryWriter | None) -> dict[str, Any]:
         """One method's result: from the cache, or trained, adapted and scored (then cached)."""
-        cache = self.out / "methods" / f"{_safe(method.name)}.json"
+        cache = self.out / "methods" / f"{safe_name(method.name)}.json"
         key = self.cache_key(method, target)
         cached = read_cache(cache, f"{method.name} is run again") if distributed.is_main() else None
         cached = distributed.broadcast(cached if isinstance(cached, dict) and cached.get("key") == key else None)
@@ -455,7 +450,7 @@ class Protocol:
         done = time.perf_counter()
         if writer is not None:
             for e in per_episode:
-                writer.add_scalar(f"adapt/{_safe(method.name)}/auroc", e["auroc"], e["episode"])
+                writer.add_scalar(f"adapt/{safe_name(method.name)}/auroc", e["auroc"], e["episode"])
         result = {"summary": summarise(per_episode), "per_episode": per_episode, "settings": method.settings(),
                   "transductive": method.rule.transductive and has_batchnorm(backbone),
                   "seconds": {"train": train_seconds, "adapt": earlier + done - adapt_start,  # every run's

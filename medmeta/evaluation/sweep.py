@@ -7,11 +7,12 @@ concurrent jobs take turns). Nothing finished is redone: a job whose results wer
 under the same config is skipped, and inside a job finished methods and training checkpoints
 are reused.
 
-Launchers, all through existing engines: ``local`` runs the jobs one after another in this
-process; ``slurm`` submits them with submitit (one job per (target, seed), one process per GPU
-within a job via submitit's torch.distributed environment), waits for them or returns
-(``wait=False``), and the same command later collects the table; ``submitit-local`` is
-submitit's local executor (real subprocesses on this machine), for checking a SLURM setup.
+Launchers (``launch``), all through existing engines: ``local`` runs the jobs one after another
+in this process (under torchrun, every rank takes part in each job); ``slurm`` submits them with
+submitit (one job per (target, seed), one process per GPU within a job via submitit's
+torch.distributed environment), waits for them or returns (``wait=False``), and the same command
+later collects the table; ``submitit-local`` is submitit's local executor (real subprocesses on
+this machine), for checking a SLURM setup.
 
 The combined table (``table.json``, ``table.csv``, ``table.md``, ``table.png``): per target
 and method, AUROC and accuracy (mean over episodes, its 95% interval), the paired
@@ -21,10 +22,9 @@ mean over seeds plus the standard deviation across seeds.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,12 +35,10 @@ from ..errors import ConfigError, MethodError
 from ..files import read_cache, write_text_atomic
 from ..settings import from_mapping, repeated
 from .config import ExperimentConfig, build_method, resolve_reference
+from .launch import Launcher, launch
 from .protocol import Protocol, input_files
 from .plots import save, sweep_figure
 from .results import METRICS, package_versions, write_csv
-
-Launcher = Literal["local", "slurm", "submitit-local"]
-
 
 @dataclass(frozen=True)
 class Job:
@@ -153,82 +151,10 @@ class Sweep:
 
     def run(self, launcher: Launcher = "local", wait: bool = True) -> dict[str, Any] | None:
         """Run (or submit) every unfinished job, then collect the table; None if not waited for."""
-        todo = self.pending()
-        if todo and launcher == "local":
-            self._run_local(todo)
-        elif todo:
-            if not self._submit(todo, launcher, wait):
-                return None
+        todo = [(job.name, self.arguments(job)) for job in self.pending()]
+        if not launch(todo, run_job, self.out, self.config.slurm, launcher, wait, len(self.jobs), "sweep"):
+            return None
         return self.collect()
-
-    def _run_local(self, todo: list[Job]) -> None:
-        start = time.perf_counter()
-        done = len(self.jobs) - len(todo)
-        with distributed.progress(total=len(self.jobs), initial=done, desc="sweep", unit="job") as bar:
-            for i, job in enumerate(todo):
-                bar.set_postfix_str(f"running {job.name}, {len(todo) - i - 1} left after it")
-                run_job(*self.arguments(job))
-                bar.update(1)
-        if distributed.is_main():
-            print(f"sweep: {len(todo)} job(s) run in {time.perf_counter() - start:.0f} s")
-
-    def executor(self, launcher: Launcher) -> Any:
-        """A submitit executor for ``launcher``, with the config's SLURM settings."""
-        import submitit
-
-        s = self.config.slurm
-        executor = submitit.AutoExecutor(folder=self.out / "submitit", cluster="local" if launcher != "slurm" else None)
-        tasks = max(1, s.gpus_per_node)
-        params: dict[str, Any] = {"timeout_min": s.timeout_min, "gpus_per_node": s.gpus_per_node,
-                                  "tasks_per_node": tasks, "cpus_per_task": max(1, s.cpus_per_task // tasks),
-                                  "mem_gb": s.mem_gb, "name": "medmeta"}
-        if launcher == "slurm":
-            params.update({k: v for k, v in (("slurm_partition", s.partition), ("slurm_account", s.account)) if v})
-        else:  # the local executor runs one process per job, with no GPUs to share
-            params.update(tasks_per_node=1, gpus_per_node=0)
-        executor.update_parameters(**params)
-        return executor
-
-    def _submit(self, todo: list[Job], launcher: Launcher, wait: bool) -> bool:
-        """Submit the jobs not already queued; wait for all when asked. True when all are finished."""
-        import submitit
-
-        record = self.out / "jobs.json"
-        try:
-            known = json.loads(record.read_text()) if record.is_file() else {}
-        except (OSError, ValueError):
-            known = None
-        if not isinstance(known, dict):
-            raise ConfigError(f"{record} is not a readable record of submitted jobs: delete it to submit the "
-                              "unfinished jobs again (cancel any of them still queued first, or they run twice)")
-        executor = self.executor(launcher)
-        handles = {}
-        for job in todo:
-            queued = known.get(job.name)
-            if launcher == "slurm" and queued:
-                handle = submitit.SlurmJob(folder=self.out / "submitit", job_id=queued)
-                if handle.state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING"):
-                    handles[job] = handle
-                    continue
-            handles[job] = executor.submit(run_job, *self.arguments(job))
-            known[job.name] = handles[job].job_id
-        write_text_atomic(record, json.dumps(known, indent=2))
-        print(f"sweep: {len(handles)} job(s) submitted or queued ({launcher}); logs in {self.out / 'submitit'}")
-        if not wait:
-            print("sweep: not waiting; run the same command again to collect the table")
-            return False
-        with distributed.progress(total=len(self.jobs), initial=len(self.jobs) - len(todo), desc="sweep", unit="job") as bar:
-            remaining = dict(handles)
-            while remaining:
-                finished = [j for j, h in remaining.items() if h.done()]
-                for job in finished:
-                    remaining.pop(job).result()  # re-raises a failed job's error
-                    bar.update(1)
-                states = [h.state for h in remaining.values()]
-                bar.set_postfix(running=sum(s == "RUNNING" for s in states), waiting=len(states))
-                if remaining:
-                    time.sleep(5 if launcher != "slurm" else 30)
-        return True
 
     def collect(self) -> dict[str, Any] | None:
         """Read every job's results and write the combined table (rank 0 under torchrun; others get None)."""
