@@ -1,6 +1,7 @@
 """Multi-domain multi-task pretraining (mm-PT).
 
-Batches come straight from ``MedMNISTTask.get_batch`` (one gather per batch); scores use
+Batches come from ``MedMNISTTask.get_batch`` (one gather per batch), drawn, gathered and
+pinned by a loader thread while the previous step runs (``runtime.prefetch``); scores use
 MedMNIST evaluator semantics (``TaskType.evaluate``); progress goes to TensorBoard and the
 model that did best on validation AUROC is kept.
 
@@ -21,15 +22,22 @@ training statistics restored afterwards), so model selection measures the featur
 Checkpoints hold the model, optimiser, every random state, the step and the training
 config (minus ``steps``); a resumed run continues exactly as if it had never stopped, and a
 checkpoint written under another config or other sources is refused, naming what differs.
+
+The loader thread changes nothing in what is trained: it draws from a copy of the random state
+and each step takes over the state its batch was drawn with, so the batches, their order and a
+checkpoint's random state are those of reading each batch in the step. It runs between
+evaluations and checkpoints, never beside them: the validation reads the same HDF5 files, and
+h5py reads one handle from one thread at a time.
 """
 from __future__ import annotations
 
 import copy
 import time
 import zlib
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -45,7 +53,8 @@ from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from .backbones import Start
 from .models import MultiHeadModel, batchnorm_restored, reestimate_batchnorm
-from .runtime import Precision, autocast, check_identity, check_steps, checkpoint_identity, evaluate_split
+from .runtime import (Precision, autocast, check_identity, check_steps, checkpoint_identity, evaluate_split,
+                      host_batch, prefetch, to_device)
 
 
 LOSS_READ_EVERY = 25
@@ -108,7 +117,8 @@ class MultiTaskPretrainer:
         self.seconds = 0.0
         """Training time over every session of this run (resumes included)."""
         self.data_seconds = 0.0
-        """Of ``seconds``, the time spent reading batches and moving them to the device."""
+        """Of ``seconds``, the time a step waited for its batch: reading it (or taking it from the
+        loader thread) and moving it to the device."""
         self.checkpoint, self.writer = checkpoint, writer if distributed.is_main() else None
         torch.manual_seed(seed)
         if checkpoint is not None and checkpoint.is_file():
@@ -118,27 +128,57 @@ class MultiTaskPretrainer:
         self.net: nn.Module = (DistributedDataParallel(self.model, find_unused_parameters=True)
                                if distributed.active() else self.model)
 
-    def _next_indices(self, task_id: str) -> np.ndarray:
-        """Next batch of a task: epochs of shuffled indices, drawn from the pretrainer's own RNG."""
-        order, pos = self.cursors[task_id]
+    def _draw(self, rng: np.random.Generator, cursors: dict[str, tuple[np.ndarray, int]]) -> tuple[int, np.ndarray]:
+        """The next batch: a task by the sampling rule, then its next indices (epochs of shuffled
+        indices); advances ``rng`` and ``cursors``."""
+        k = int(rng.choice(len(self.task_ids), p=self.probs))
+        task_id = self.task_ids[k]
+        order, pos = cursors[task_id]
         if pos + self.config.batch_size > len(order):
-            order, pos = self.rng.permutation(len(self.train[task_id])), 0
-        batch = order[pos:pos + self.config.batch_size]
-        self.cursors[task_id] = (order, pos + self.config.batch_size)
-        return np.sort(batch)
+            order, pos = rng.permutation(len(self.train[task_id])), 0
+        cursors[task_id] = (order, pos + self.config.batch_size)
+        return k, np.sort(order[pos:pos + self.config.batch_size])
+
+    def _host_batches(self, count: int) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor], dict, dict]]:
+        """The next ``count`` batches on the host (``host_batch``), each with the random state and
+        cursors after its draw. Drawn from copies, so another thread can run this while the
+        pretrainer's own state stays the main thread's."""
+        rng, cursors = copy.deepcopy(self.rng), dict(self.cursors)
+        for _ in range(count):
+            k, indices = self._draw(rng, cursors)
+            batch = host_batch(self.train[self.task_ids[k]], indices[distributed.batch_slice(len(indices))],
+                               self.device)
+            yield k, batch, rng.bit_generator.state, dict(cursors)
+
+    def train_steps(self, count: int, prefetch_batches: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """The next ``count`` optimiser steps (see ``train_step``), one (task, loss) per step.
+
+        With ``prefetch_batches`` a loader thread draws, gathers and pins the batches while the
+        previous step runs; the batches and the random state after each step are the same
+        without it (``False`` is for benchmarks that compare). The HDF5 files must not be read
+        elsewhere until the generator ends or is closed (``contextlib.closing``).
+        """
+        batches = self._host_batches(count)
+        with closing(prefetch(batches) if prefetch_batches else batches) as source:
+            for _ in range(count):
+                clock = time.perf_counter()
+                k, batch, rng_state, cursors = next(source)
+                x, y = to_device(batch, self.device)
+                if self.config.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                self.data_seconds += time.perf_counter() - clock
+                self.rng.bit_generator.state, self.cursors = rng_state, cursors
+                yield self._optimise(k, x, y)
 
     def train_step(self) -> tuple[str, torch.Tensor]:
-        """One optimiser step on one batch of one task drawn by the sampling rule; returns the task
-        and the loss, detached on the device (reading it waits for the device)."""
-        k = int(self.rng.choice(len(self.task_ids), p=self.probs))
+        """One optimiser step on one batch of one task drawn by the sampling rule, read in this
+        thread; returns the task and the loss, detached on the device (reading it waits for the device)."""
+        with closing(self.train_steps(1, prefetch_batches=False)) as steps:
+            return next(steps)
+
+    def _optimise(self, k: int, x: torch.Tensor, y: torch.Tensor) -> tuple[str, torch.Tensor]:
         task_id = self.task_ids[k]
         ds = self.train[task_id]
-        clock = time.perf_counter()
-        indices = self._next_indices(task_id)
-        x, y = ds.get_batch(indices[distributed.batch_slice(len(indices))], self.device)
-        if self.config.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        self.data_seconds += time.perf_counter() - clock
         self.model.train()
         with autocast(self.device, self.config.precision):
             logits = self.net(x, task_id).float()
@@ -193,23 +233,35 @@ class MultiTaskPretrainer:
             losses.clear()
 
         clock = time.perf_counter()
-        while self.step < cfg.steps and self.bad_evals < cfg.patience:
-            task_id, loss = self.train_step()
-            bar.update(1)
-            losses.append((self.step, task_id, loss))
-            if len(losses) == LOSS_READ_EVERY:
-                log_losses()
-            if self.step % cfg.eval_every == 0:
-                log_losses()
-                self._evaluate()
+
+        def count_time() -> None:
+            nonlocal clock
             now = time.perf_counter()
             self.seconds += now - clock
             clock = now
+
+        while self.step < cfg.steps and self.bad_evals < cfg.patience:
+            # up to the next evaluation or checkpoint: the loader thread ends before they read the files
+            end = self._segment_end()
+            with closing(self.train_steps(end - self.step)) as steps:
+                for task_id, loss in steps:
+                    bar.update(1)
+                    losses.append((self.step, task_id, loss))
+                    if len(losses) == LOSS_READ_EVERY:
+                        log_losses()
+                    if self.step < end and on_step is not None:
+                        count_time()
+                        on_step(self.step)
+            if self.step % cfg.eval_every == 0:
+                log_losses()
+                self._evaluate()
+            count_time()
             if self.checkpoint is not None and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
                 log_losses()  # a resumed run starts after the checkpoint: its losses are logged by then
                 self.save(self.checkpoint)
             if on_step is not None:
                 on_step(self.step)
+        count_time()
         log_losses()
         bar.close()
         if self.writer is not None and self.seconds > 0:
@@ -220,6 +272,14 @@ class MultiTaskPretrainer:
         # every rank takes rank 0's, so the backbone handed on is the one backbone.pt holds.
         distributed.broadcast_module_(self.model)
         return self.model.backbone
+
+    def _segment_end(self) -> int:
+        """The next step that evaluates, checkpoints or ends the run."""
+        cfg, step = self.config, self.step
+        ends = [cfg.steps, (step // cfg.eval_every + 1) * cfg.eval_every]
+        if self.checkpoint is not None:
+            ends.append((step // cfg.checkpoint_every + 1) * cfg.checkpoint_every)
+        return min(ends)
 
     def _evaluate(self) -> None:
         scores = self.validate()

@@ -9,13 +9,17 @@ loss, the epoch with the lowest validation loss kept.
 The trainer checkpoints after every epoch (model, optimiser, schedule, random state, history,
 the best state so far, the config) and resumes exactly; a checkpoint of another config is
 refused. Batches are read with ``MedMNISTTask.get_batch`` (one gather per batch; a dataset's
-``transform``, e.g. MedMNIST+'s zero-padding, applies per image); the data pipeline's share of
-the training time is recorded.
+``transform``, e.g. MedMNIST+'s zero-padding, applies per image) by a loader thread while the
+previous step runs (``runtime.prefetch``; the epoch's order is drawn before, so the batches are
+those of reading each in its step, and the thread ends with the epoch, before validation reads
+the files); the data pipeline's share of the training time (what the steps waited for their
+batches) is recorded.
 """
 from __future__ import annotations
 
 import copy
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -30,7 +34,7 @@ from ..data.tasks import MedMNISTTask
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from .models import train_mode
-from .runtime import Precision, autocast, check_identity, checkpoint_identity, predict
+from .runtime import Precision, autocast, check_identity, checkpoint_identity, host_batch, predict, prefetch, to_device
 
 
 @dataclass
@@ -73,10 +77,14 @@ class SupervisedTrainer:
 
     def __init__(self, model: nn.Module, train: MedMNISTTask, val: MedMNISTTask, config: SupervisedConfig,
                  device: torch.device, seed: int = 0, checkpoint: Path | None = None,
-                 writer: SummaryWriter | None = None, context: dict[str, Any] | None = None) -> None:
+                 writer: SummaryWriter | None = None, context: dict[str, Any] | None = None,
+                 prefetch_batches: bool = True) -> None:
         """``context``: what else the model depends on (architecture, input size...), bound into
-        the checkpoint's identity with the recipe, so a changed setting never resumes another's model."""
+        the checkpoint's identity with the recipe, so a changed setting never resumes another's model.
+        ``prefetch_batches=False`` reads each batch in its step (the same batches; for benchmarks
+        that compare)."""
         self.model, self.train, self.val, self.config, self.device, self.seed = model.to(device), train, val, config, device, seed
+        self.prefetch_batches = prefetch_batches
         self.context = dict(context or {})
         self.checkpoint, self.writer = checkpoint, writer
         torch.manual_seed(seed)
@@ -125,17 +133,20 @@ class SupervisedTrainer:
         self.model.train()
         order = self.rng.permutation(len(self.train))
         losses = []
-        for batch in epoch_batches(order, cfg.batch_size):
-            data_clock = time.perf_counter()
-            x, y = self.train.get_batch(np.sort(batch), self.device)
-            self.data_seconds += time.perf_counter() - data_clock
-            with autocast(self.device, cfg.precision):
-                loss = task_type.loss(self.model(x).float(), y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            losses.append(loss.item())
+        batches = epoch_batches(order, cfg.batch_size)
+        gathered = (host_batch(self.train, np.sort(batch), self.device) for batch in batches)
+        with closing(prefetch(gathered) if self.prefetch_batches else gathered) as source:
+            for _ in batches:
+                data_clock = time.perf_counter()
+                x, y = to_device(next(source), self.device)
+                self.data_seconds += time.perf_counter() - data_clock
+                with autocast(self.device, cfg.precision):
+                    loss = task_type.loss(self.model(x).float(), y)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                self.sched.step()
+                losses.append(loss.item())
         self.epoch += 1
         with train_mode(self.model, False):
             logits, labels = predict(self.model, self.val, self.device, precision=cfg.precision)
