@@ -7,14 +7,19 @@ wall time of the ``paper`` profile for one target. One command, under 8 minutes 
 It builds a synthetic store (random images; speed does not depend on pixel values) and prints:
 
 1. mm-PT images/s at 28 and 224px: fp32 vs bf16 autocast, NCHW vs channels_last, with the
-   data pipeline's share of each step (``MultiTaskPretrainer.data_seconds``);
+   data pipeline's share of each step (``MultiTaskPretrainer.data_seconds``: what the steps
+   waited for their batches), with the loader thread (as training runs) and without it;
 2. full fine-tuning episodes/min at 28px (25 episodes, the protocol's chunk) and 224px
    (5-way 5-shot 10-query, 50 Adam steps): vmapped (``fine_tune_many``) vs one by one, with
    the largest logit difference between the two after 1 step and after 50, and between two
    one-by-one runs (the device's own run-to-run noise, which 50 steps amplify);
 3. every adaptation rule (linear, knn, proto, lpft, inner) once on the device;
-4. MAML meta-step time and peak memory, first and second order (``train_maml``);
-5. supervised training, one epoch (``train_supervised``);
+4. MAML meta-step time and peak memory, first and second order (``train_maml``), how many
+   shapes its meta-batches hold, and the meta-gradient of 4 same-shaped episodes at 28 and
+   224px adapted together (``vmap``) vs one by one: times, their ratio, peaks, largest difference
+   (float32 rounding: on a CPU the one-by-one float32 gradient of this random ResNet-18 after 4
+   inner steps is as far from the float64 one as together is from one by one; tests check float64);
+5. supervised training, one epoch (``SupervisedTrainer``), with and without the loader thread;
 6. the projected wall time of the paper profile (50k mm-PT steps, 20k second-order MAML
    steps, 100 episodes x 4 methods) from the measured rates.
 """
@@ -27,6 +32,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from medmeta.data import MedMNISTTask, Store  # noqa: E402
 from medmeta.files import write_text_atomic  # noqa: E402
 from medmeta.data.manifest import parse_manifest  # noqa: E402
-from medmeta.episodes import Episode  # noqa: E402
+from medmeta.episodes import Episode, MultiTaskEpisodeSampler  # noqa: E402
 from medmeta.learning.finetune import default_batched, fine_tune_episodes  # noqa: E402
-from medmeta.learning.maml import MAMLConfig, train_maml  # noqa: E402
+from medmeta.learning.maml import MAMLConfig, maml_loss, train_maml  # noqa: E402
 from medmeta.learning.models import Classifier, build_backbone  # noqa: E402
 from medmeta.learning.pretrain import MultiTaskPretrainer, PretrainConfig  # noqa: E402
 from medmeta.learning.runtime import deterministic_cudnn, resolve_device  # noqa: E402
-from medmeta.learning.supervised import SupervisedConfig, train_supervised  # noqa: E402
+from medmeta.learning.supervised import SupervisedConfig, SupervisedTrainer  # noqa: E402
 from medmeta.methods import KNN, LPFT, FineTune, LinearProbe, MAMLInner, Prototypes  # noqa: E402
 from medmeta.tasktype import TaskType  # noqa: E402
 
@@ -90,21 +96,21 @@ def reset_peak(device: torch.device) -> None:
 
 
 def mmpt_rate(store: Store, size: int, steps: int, batch: int, precision: str, channels_last: bool,
-              device: torch.device) -> tuple[float, float]:
-    """Images/s of mm-PT training steps and the data pipeline's share of their time."""
+              device: torch.device, prefetch: bool = True) -> tuple[float, float]:
+    """Images/s of mm-PT training steps and the data pipeline's share of their time, the batches
+    gathered by the loader thread (``prefetch``) or in each step; two warm-up steps not timed."""
     train = {n: MedMNISTTask(store, n, "train", size=size) for n in ("benchfive", "benchthree")}
     val = {n: MedMNISTTask(store, n, "val", size=size) for n in train}
     config = PretrainConfig(steps=steps + 2, batch_size=batch, eval_every=10**6, checkpoint_every=10**6,
                             precision=precision, channels_last=channels_last)
     torch.manual_seed(0)
     trainer = MultiTaskPretrainer(build_backbone("resnet18", stem="imagenet"), train, val, config, device)
-    for _ in range(2):
-        trainer.train_step()
-    sync(device)
-    trainer.data_seconds = 0.0
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step()
+    with closing(trainer.train_steps(steps + 2, prefetch_batches=prefetch)) as training:
+        for done, _ in enumerate(training, 1):
+            if done == 2:
+                sync(device)
+                trainer.data_seconds, start = 0.0, time.perf_counter()
     sync(device)
     seconds = time.perf_counter() - start
     return steps * batch / seconds, trainer.data_seconds / seconds
@@ -124,6 +130,36 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     out = fn()
     sync(device)
     return time.perf_counter() - start, out
+
+
+def maml_together_vs_one_by_one(size: int, first_order: bool, inner_steps: int, device: torch.device, repeats: int,
+                                ways: int = 5, shots: int = 5, queries: int = 10) -> dict:
+    """The meta-gradient of 4 same-shaped episodes (``maml_loss`` forward and backward, ResNet-18),
+    adapted together (``vmap``) and one by one, alternating in this process: the fastest of
+    ``repeats`` after a warm-up each, the peak memory, and the largest gradient difference."""
+    gen = torch.Generator().manual_seed(2)
+    sy, qy = (torch.arange(ways).repeat_interleave(n) for n in (shots, queries))
+    eps = [Episode(torch.rand(len(sy), 3, size, size, generator=gen), sy,
+                   torch.rand(len(qy), 3, size, size, generator=gen), qy, TaskType.MULTI_CLASS,
+                   tuple(range(ways))).to(device) for _ in range(4)]
+    torch.manual_seed(0)
+    net = build_backbone("resnet18", stem="imagenet").to(device)
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    peaks, grads = {}, {}
+    for repeat in range(repeats + 1):
+        for batched in (False, True):
+            net.zero_grad(set_to_none=True)
+            reset_peak(device)
+            t, _ = timed(lambda: maml_loss(net, eps, inner_steps, MAMLConfig.inner_lr, first_order,
+                                           batched=batched).backward(), device)
+            peaks[batched], grads[batched] = peak_mib(device), [p.grad.clone() for p in net.parameters()]
+            if repeat:
+                seconds[batched].append(t)
+    one, together = min(seconds[False]), min(seconds[True])
+    scale = max(g.abs().max().item() for g in grads[False])
+    diff = max((a - b).abs().max().item() for a, b in zip(grads[False], grads[True]))
+    return {"one_by_one_s": one, "together_s": together, "speedup": one / together, "one_by_one_peak_mib": peaks[False],
+            "together_peak_mib": peaks[True], "max_grad_diff": diff, "max_grad": scale}
 
 
 class Sections:
@@ -177,17 +213,24 @@ def main(argv: list[str] | None = None) -> dict:
             x_dev, y_dev = task.get_batch(idx, device)
             x_host, y_host = task.get_batch(idx)
             assert torch.equal(x_dev.cpu(), x_host) and torch.equal(y_dev.cpu(), y_host), "get_batch on the device"
-            print(f"{'size':>6}{'precision':>11}{'layout':>15}{'images/s':>12}{'data share':>12}")
+            print(f"{'':>32}{'loader thread':>26}{'in the step':>26}")
+            print(f"{'size':>6}{'precision':>11}{'layout':>15}{'images/s':>14}{'data share':>12}"
+                  f"{'images/s':>14}{'data share':>12}")
             for size in sizes:
                 for precision in ("fp32", "bf16"):
                     for channels_last in (False, True):
                         rate, share = mmpt_rate(store, size, mmpt_steps, mmpt_batch, precision, channels_last, device)
+                        rate_in_step, share_in_step = mmpt_rate(store, size, mmpt_steps, mmpt_batch, precision,
+                                                                channels_last, device, prefetch=False)
                         rates[size, precision, channels_last] = rate
                         layout = "channels_last" if channels_last else "NCHW"
                         key = f"{size}px/{precision}/{'cl' if channels_last else 'nchw'}"
                         report.setdefault("mmpt_images_per_s", {})[key] = rate
                         report.setdefault("mmpt_data_share", {})[key] = share
-                        print(f"{size:>6}{precision:>11}{layout:>15}{rate:>12,.0f}{share:>11.1%}", flush=True)
+                        report.setdefault("mmpt_images_per_s_no_prefetch", {})[key] = rate_in_step
+                        report.setdefault("mmpt_data_share_no_prefetch", {})[key] = share_in_step
+                        print(f"{size:>6}{precision:>11}{layout:>15}{rate:>14,.0f}{share:>12.1%}"
+                              f"{rate_in_step:>14,.0f}{share_in_step:>12.1%}", flush=True)
 
         def finetune() -> None:
             torch.manual_seed(0)
@@ -262,23 +305,46 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)
                 report[f"maml_{order}_step_s"] = seconds / meta_steps
                 report[f"maml_{order}_peak_mib"] = peak_mib(device)
+            sampler = MultiTaskEpisodeSampler([train[t] for t in sorted(train)], k_shot=config.max_shot,
+                                              n_query=config.n_query, n_episodes=100 * config.meta_batch, variable=True,
+                                              min_class_samples=config.max_shot + config.n_query)
+            specs = [sampler.spec(i) for i in range(len(sampler))]
+            shapes = [len({(s.task_id, len(s.classes), len(s.support_indices), len(s.query_indices))
+                           for s in specs[i:i + config.meta_batch]}) for i in range(0, len(specs), config.meta_batch)]
+            report["maml_shapes_per_meta_batch"] = float(np.mean(shapes))
+            print(f"train_maml's meta-batches (way and shot drawn per episode): {np.mean(shapes):.2f} shapes in "
+                  f"{config.meta_batch} episodes on average, so its groups to adapt together are mostly of one")
+            for size in sizes:
+                for order in ("first", "second"):
+                    r = maml_together_vs_one_by_one(size, order == "first", 1 if smoke else 4, device,
+                                                    repeats=1 if smoke else 2,
+                                                    **(dict(ways=2, shots=2, queries=2) if smoke else {}))
+                    report.setdefault("maml_together", {})[f"{size}px/{order}"] = r
+                    print(f"{size}px {order}-order, meta-gradient of 4 same-shaped episodes: one by one "
+                          f"{r['one_by_one_s']:.3f} s, together {r['together_s']:.3f} s ({r['speedup']:.2f}x), "
+                          f"peak {r['one_by_one_peak_mib']:,.0f} / {r['together_peak_mib']:,.0f} MiB, max |grad diff| "
+                          f"{r['max_grad_diff']:.1e} (max |grad| {r['max_grad']:.1e})", flush=True)
 
         def supervised() -> None:
-            torch.manual_seed(0)
-            model = Classifier(build_backbone("resnet18", stem="imagenet"), 5)
-            seconds, best = timed(lambda: train_supervised(
-                model, MedMNISTTask(store, "benchfive", "train", size=28),
-                MedMNISTTask(store, "benchfive", "val", size=28),
-                SupervisedConfig(epochs=1, batch_size=mmpt_batch), device), device)
-            print(f"{seconds:.1f} s, validation AUROC {best['val_auroc']:.3f} (random labels: about 0.5)")
-            report["supervised_epoch_s"] = seconds
+            for prefetch, suffix in ((True, ""), (False, "_no_prefetch")):
+                torch.manual_seed(0)
+                trainer = SupervisedTrainer(
+                    Classifier(build_backbone("resnet18", stem="imagenet"), 5),
+                    MedMNISTTask(store, "benchfive", "train", size=28),
+                    MedMNISTTask(store, "benchfive", "val", size=28),
+                    SupervisedConfig(epochs=1, batch_size=mmpt_batch), device, prefetch_batches=prefetch)
+                seconds, best = timed(trainer.run, device)
+                print(f"{'loader thread' if prefetch else 'in the step':<14}{seconds:.1f} s, data share "
+                      f"{best['data_share']:.1%}, validation AUROC {best['val_auroc']:.3f} (random labels: about 0.5)")
+                report[f"supervised_epoch_s{suffix}"] = seconds
+                report[f"supervised_data_share{suffix}"] = best["data_share"]
 
         sections.run(f"1. mm-PT (ResNet-18, ImageNet stem, batch {mmpt_batch})", mmpt)
         sections.run(f"2. fine-tuning at 28 and {big}px, 5-way 5-shot 10-query, {ft_steps} Adam steps, one by one "
                      "and vmapped", finetune)
         sections.run(f"3. the other adaptation rules, {n_adapt} episodes at {big}px", rules)
         sections.run(f"4. MAML meta-steps at {big}px (4 episodes of up to 5-way, up to 5-shot, 10 queries, "
-                     "4 inner steps)", maml)
+                     "4 inner steps); 4 same-shaped episodes together vs one by one", maml)
         sections.run("5. supervised training, one epoch at 28px", supervised)
 
     def projection() -> None:

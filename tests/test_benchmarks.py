@@ -19,6 +19,9 @@ def test_gpu_benchmark_smoke_mode_runs_every_path_on_cpu(tmp_path: Path) -> None
     assert report["device"] == "CPU" and report["errors"] == {}
     assert json.loads((tmp_path / "gpu.json").read_text())["projected_hours"] == report["projected_hours"]
     assert len(report["mmpt_images_per_s"]) == 4 and all(v > 0 for v in report["mmpt_images_per_s"].values())
+    for shares in (report["mmpt_data_share"], report["mmpt_data_share_no_prefetch"]):  # with and without the loader thread
+        assert shares.keys() == report["mmpt_images_per_s"].keys() and all(0 <= v < 1 for v in shares.values())
+    assert 0 <= report["supervised_data_share"] < 1 and 0 <= report["supervised_data_share_no_prefetch"] < 1
     for key in ("finetune_episode_s", "finetune_batched_episode_s", "linear_episode_s", "knn_episode_s",
                 "proto_episode_s", "lpft_episode_s", "inner_episode_s", "maml_first_step_s", "maml_second_step_s"):
         assert report[key] > 0, key

@@ -1,4 +1,5 @@
-"""MAML: meta-gradients against plain-autograd references, training, resume, BN buffers."""
+"""MAML: meta-gradients against plain-autograd references (one by one and same-shaped episodes
+adapted together), training, resume, BN buffers."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medmeta.episodes import Episode
-from medmeta.learning.maml import MAML, inner_adapt, maml_loss
+from medmeta.learning import maml as maml_module
+from medmeta.learning.maml import MAML, inner_adapt, maml_loss, shape_groups
 from medmeta.methods import MAMLInner
 from medmeta.tasktype import TaskType
 
@@ -193,6 +195,141 @@ def test_inner_adapt_zero_head_and_first_order_detaches() -> None:
     assert torch.equal(g, torch.ones_like(g))
 
 
+def grouped_episodes(seed: int = 0) -> list[Episode]:
+    """Eight episodes of four shapes and every task type, interleaved: groups of 3, 2, 2 and 1."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [("multi-class", 3, 2), ("binary", 2, 3), ("multi-class", 3, 2), ("multi-label", 3, 2),
+              ("binary", 2, 3), ("ordinal", 4, 1), ("multi-class", 3, 2), ("multi-label", 3, 2)]
+    return [make_episode(t, n, k, gen) for t, n, k in shapes]
+
+
+def reference_meta_gradient(params: dict[str, Tensor], lrs: dict[str, Tensor] | float, eps: list[Episode],
+                            steps: int, first_order: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean query loss and its meta-gradient, episode by episode with plain autograd (``ref_inner``).
+    First order: the query gradient at the adapted parameters (no gradient for the rates)."""
+    leaves = list(params.values()) + (list(lrs.values()) if isinstance(lrs, dict) else [])
+    names = list(params) + ([f"lr:{k}" for k in lrs] if isinstance(lrs, dict) else [])
+    total, loss = {k: torch.zeros_like(v) for k, v in zip(names, leaves)}, torch.zeros((), dtype=torch.float64)
+    for ep in eps:
+        fast, head = ref_inner(params, ep, steps, lrs, create_graph=not first_order)
+        if first_order:
+            fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+            head = {k: v.detach() for k, v in head.items()}
+        q = ref_query_loss(fast, head, ep) / len(eps)
+        wrt = list(fast.values()) if first_order else leaves
+        for k, g in zip(names, torch.autograd.grad(q, wrt)):
+            total[k] += g
+        loss += q.detach()
+    return loss, total
+
+
+@pytest.mark.parametrize("bn", ["train", "eval", "none"])
+@pytest.mark.parametrize("first_order", [True, False])
+def test_grouped_meta_gradient_equals_one_by_one(bn: str, first_order: bool) -> None:
+    """``meta_step`` adapts same-shaped episodes together (vmap); its meta-gradient and loss equal
+    those of the same episodes one by one (``maml_loss(batched=False)``) and, with BatchNorm in train
+    mode or without it, of plain autograd (``reference_meta_gradient``)."""
+    torch.manual_seed(6)
+    net = SmallNet(bn != "none").double()
+    if bn == "eval":
+        with torch.no_grad():
+            net.bn.running_mean.uniform_(-1, 1)
+            net.bn.running_var.uniform_(0.5, 2)
+    eps = grouped_episodes(6)
+    assert [len(g) for g in shape_groups(eps)] == [3, 2, 2, 1]
+    bn_train = bn != "eval"
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}  # before the step
+    maml_loss(net, eps, 3, 1.0, first_order, bn_train, batched=False).backward()
+    one_by_one = grads_of(net)
+    net.zero_grad()
+    maml = MAML(net, inner_steps=3, inner_lr=1.0, first_order=first_order, bn_train=bn_train, batched=True)
+    loss = maml.meta_step(eps)
+    assert_close(grads_of(net), one_by_one)
+    if bn_train:
+        ref_loss, ref_grads = reference_meta_gradient(params, 1.0, eps, 3, first_order)
+        assert math.isclose(loss, ref_loss.item(), rel_tol=1e-6)  # meta_step sums the loss in float32
+        assert_close(one_by_one, ref_grads)
+        assert_close(grads_of(net), ref_grads)
+
+
+@pytest.mark.parametrize(("batched", "sizes"), [(None, [1, 1, 1]), (False, [1, 1, 1]), (True, [3])])
+def test_meta_step_groups_as_asked(monkeypatch: pytest.MonkeyPatch, batched: bool | None, sizes: list[int]) -> None:
+    """``batched=None`` adapts one by one on a CPU (``default_batched``); True groups same shapes."""
+    seen: list[int] = []
+    real = maml_module.group_loss
+    monkeypatch.setattr(maml_module, "group_loss",
+                        lambda net, group, *a: seen.append(len(group)) or real(net, group, *a))
+    gen = torch.Generator().manual_seed(10)
+    MAML(ToyNet(), inner_steps=1, batched=batched).meta_step([quadrant_episode(gen) for _ in range(3)])
+    assert seen == sizes
+
+
+class NormNet(nn.Module):
+    """conv -> InstanceNorm (affine) -> LayerNorm over (C, H, W) -> ReLU -> mean pool: the other
+    norms whose vmapped second-order gradients ``AffineApart`` corrects."""
+
+    out_features = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.lnorm = nn.LayerNorm((4, 4, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.lnorm(self.inorm(self.conv(x)))).mean((2, 3))
+
+
+def test_grouped_second_order_with_instance_and_layer_norm() -> None:
+    torch.manual_seed(9)
+    net = NormNet().double()
+    with torch.no_grad():  # affine parameters away from (1, 0), so that a wrong broadcast shows
+        for m in (net.inorm, net.lnorm):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
+    eps = grouped_episodes(9)
+    maml_loss(net, eps, 2, 1.0, first_order=False, batched=False).backward()
+    one_by_one = grads_of(net)
+    net.zero_grad()
+    maml_loss(net, eps, 2, 1.0, first_order=False).backward()
+    assert_close(grads_of(net), one_by_one)
+
+
+def test_grouped_meta_sgd_gradients_equal_one_by_one() -> None:
+    """Second-order Meta-SGD on the mixed meta-batch: the rates' meta-gradients too."""
+    torch.manual_seed(7)
+    net = SmallNet(bn=True).double()
+    maml = MAML(net, inner_steps=2, inner_lr=1.0, first_order=False, meta_sgd=True, batched=True)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for v in maml.inner_lrs.values():
+            v.mul_(torch.rand(v.shape, generator=gen, dtype=v.dtype) + 0.5)
+    eps = grouped_episodes(7)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in net.named_parameters()}
+    lrs = {k: v.detach().clone().requires_grad_(True) for k, v in maml.inner_lrs.items()}
+    _, ref_grads = reference_meta_gradient(params, lrs, eps, 2, first_order=False)
+    maml.meta_step(eps)
+    assert_close(grads_of(net) | {f"lr:{k}": v.grad for k, v in maml.inner_lrs.items()}, ref_grads)
+
+
+def test_grouped_meta_step_keeps_running_stats_and_runs_dropout() -> None:
+    """A vmapped group leaves running statistics, their counters, the BN flags and the modes as they
+    were; dropout in train mode draws under vmap (a mask per episode)."""
+    net = nn.Sequential(ToyNet(), nn.Dropout(0.5))
+    net.out_features = ToyNet.out_features
+    net.eval()
+    before = copy.deepcopy(net.state_dict())
+    gen = torch.Generator().manual_seed(8)
+    eps = [quadrant_episode(gen) for _ in range(3)]
+    assert len(shape_groups(eps)) == 1
+    assert math.isfinite(MAML(net, inner_steps=2, batched=True).meta_step(eps))
+    assert not any(m.training for m in net.modules())
+    assert all(m.track_running_stats for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    for k, v in net.state_dict().items():
+        if "running" in k or "num_batches" in k:
+            assert torch.equal(v, before[k]), k
+
+
 def quadrant_episode(gen: torch.Generator, n: int = 3, shots: int = 2, queries: int = 4) -> Episode:
     """Toy task: class c lights quadrant perm[c]; the class-to-quadrant map changes per episode."""
     perm = torch.randperm(4, generator=gen)[:n]
@@ -235,19 +372,20 @@ def test_meta_training_lowers_query_loss() -> None:
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.parametrize("batched", [False, True])
 @pytest.mark.parametrize("meta_sgd", [False, True])
-def test_state_dict_resume_is_bit_identical(meta_sgd: bool) -> None:
+def test_state_dict_resume_is_bit_identical(meta_sgd: bool, batched: bool) -> None:
     gen = torch.Generator().manual_seed(3)
     batches = [[quadrant_episode(gen) for _ in range(2)] for _ in range(3)]
     torch.manual_seed(0)
-    a = MAML(ToyNet(), inner_steps=2, inner_lr=0.3, meta_sgd=meta_sgd)
+    a = MAML(ToyNet(), inner_steps=2, inner_lr=0.3, meta_sgd=meta_sgd, batched=batched)
     a.meta_step(batches[0])
     buf = io.BytesIO()
     torch.save(a.state_dict(), buf)
     losses_a = [a.meta_step(b) for b in batches[1:]]
 
     torch.manual_seed(123)  # a different initialisation, overwritten by the load
-    b = MAML(ToyNet(), inner_steps=2, inner_lr=0.3, meta_sgd=meta_sgd)
+    b = MAML(ToyNet(), inner_steps=2, inner_lr=0.3, meta_sgd=meta_sgd, batched=batched)
     buf.seek(0)
     b.load_state_dict(torch.load(buf))
     losses_b = [b.meta_step(bt) for bt in batches[1:]]

@@ -14,17 +14,33 @@ task type) can share a meta-batch. The inner loop takes SGD steps with gradients
 Meta-SGD (``meta_sgd=True``) learns one inner learning rate per backbone parameter element and
 one per head tensor (weight, bias: scalars, because head sizes vary between episodes).
 
+Batched meta-batches (``batched=True``; ``MAML`` decides by device and image size): episodes of
+one shape (task type, way, shot and query counts: the same tensor shapes) adapt together,
+``torch.func.vmap`` running the inner loop and the query loss of the whole group at once (fewer,
+larger kernels, for a GPU that small images leave launch-bound); the groups' losses are summed,
+so a meta-batch may still mix task types and sizes, and a group of one runs without ``vmap``. The
+meta-gradient is the one-by-one meta-gradient up to float rounding (tests: float64, first and
+second order, mixed task types). Second order under ``vmap`` applies the affine part of batch,
+instance and layer norm outside the norm (``_AffineApart``): PyTorch's batching rules give
+wrong double-backward gradients for per-episode norm weights. Training episodes draw their way
+and shot each (``train_maml``), so a meta-batch of 4 rarely holds two of one shape.
+
 BatchNorm: with ``bn_train=True`` (default, as in MedIMeta) the backbone runs in train mode in
 the inner loop and on the query, so BN normalises with the statistics of the batch at hand
 (support, then query: transductive). MAML never changes the backbone's running statistics:
-the running-stat update of a train-mode forward goes to a throw-away copy of the buffers.
-With ``bn_train=False`` the backbone runs in eval mode and BN uses its existing running
-statistics (frozen; meaningful for a pretrained backbone only).
+while it runs the backbone, every BatchNorm layer's ``track_running_stats`` is off (as
+``torch.func.replace_all_batch_norm_modules_`` does, undone afterwards), so train-mode forwards
+use batch statistics and update nothing, which ``vmap`` also needs (it refuses an in-place
+update of shared running statistics by per-episode values). With ``bn_train=False`` the
+backbone runs in eval mode and BN uses its existing running statistics (frozen; meaningful for a
+pretrained backbone only).
 """
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +48,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils.tensorboard import SummaryWriter
 
 from .. import distributed
@@ -42,7 +59,7 @@ from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from ..tasktype import TaskType
 from .backbones import Start
-from .finetune import feature_dim
+from .finetune import default_batched, feature_dim
 from .models import train_mode
 from .runtime import check_identity, check_steps, checkpoint_identity
 
@@ -79,9 +96,51 @@ class MAMLConfig(Settings):
     checkpoint_every: int = setting(50, min=1)
 
 
+@contextmanager
+def _batch_statistics(backbone: nn.Module, bn_train: bool) -> Iterator[None]:
+    """Train mode (``bn_train``) or eval mode for a block; in train mode BatchNorm normalises with
+    the batch's statistics and its running statistics are neither read nor updated (each layer's
+    ``track_running_stats`` is off for the block), so they stay as they were and ``vmap`` can run it."""
+    layers = [m for m in backbone.modules()
+              if bn_train and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    with train_mode(backbone, bn_train):
+        for m in layers:
+            m.track_running_stats = False
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.track_running_stats = True
+
+
+class _AffineApart(TorchFunctionMode):
+    """Batch, instance and layer norm computed without their affine transform, which is then
+    applied elementwise: the same values. Second-order MAML needs it under ``vmap``: there,
+    PyTorch's batching rules give wrong double-backward gradients when the norm's weight and bias
+    differ per episode (adapted ones; 1e-4 to 1e-2 off in float64 checks, torch 2.14; cf. functorch issue 534).
+    Only calls through ``torch.nn.functional`` (what ``nn`` modules and timm use) are seen."""
+
+    SIGNATURES = {f: inspect.signature(f) for f in (F.batch_norm, F.instance_norm, F.layer_norm)}
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func not in self.SIGNATURES:
+            return func(*args, **(kwargs or {}))
+        bound = self.SIGNATURES[func].bind(*args, **(kwargs or {}))
+        weight, bias = bound.arguments.get("weight"), bound.arguments.get("bias")
+        bound.arguments.update(weight=None, bias=None)
+        y = func(*bound.args, **bound.kwargs)
+        if func is not F.layer_norm:  # per channel (dim 1); layer norm's broadcast over the trailing dims as they are
+            weight, bias = (None if t is None else t.reshape(-1, *(1,) * (y.dim() - 2)) for t in (weight, bias))
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
+        return y
+
+
 def _logits(backbone: nn.Module, params: Params, buffers: Params, head: Params, x: Tensor) -> Tensor:
-    """Functional forward of backbone plus head; buffers are copied so BN cannot write to them."""
-    buffers = {k: v.clone() for k, v in buffers.items()} if backbone.training else buffers
+    """Functional forward of backbone plus head (buffers as given: ``_batch_statistics`` keeps
+    BatchNorm, the only layer of medmeta's backbones that writes buffers, from writing them)."""
     feats = functional_call(backbone, (params, buffers), (x,))
     return F.linear(feats, head["weight"], head["bias"])
 
@@ -89,6 +148,28 @@ def _logits(backbone: nn.Module, params: Params, buffers: Params, head: Params, 
 def zero_head(width: int, num_outputs: int, like: Tensor) -> Params:
     """A zero linear head (weight (num_outputs, width), bias (num_outputs,)) on ``like``'s device/dtype."""
     return {"weight": like.new_zeros(num_outputs, width), "bias": like.new_zeros(num_outputs)}
+
+
+def _sgd(backbone: nn.Module, params: Params, buffers: Params, head: Params, task_type: TaskType,
+         support_x: Tensor, support_y: Tensor, steps: int, inner_lr: float | Mapping[str, Tensor],
+         first_order: bool) -> tuple[Params, Params]:
+    """The inner loop proper (the caller sets the backbone's mode): ``steps`` SGD steps on the support loss."""
+    def support_loss(p: Params, h: Params) -> Tensor:
+        return task_type.loss(_logits(backbone, p, buffers, h, support_x), support_y)
+
+    grad_fn = grad(support_loss, argnums=(0, 1))
+
+    def lr_of(name: str) -> float | Tensor:
+        return inner_lr if isinstance(inner_lr, (int, float)) else inner_lr[name]
+
+    for _ in range(steps):
+        if first_order:
+            gp, gh = grad_fn({k: v.detach() for k, v in params.items()}, {k: v.detach() for k, v in head.items()})
+        else:
+            gp, gh = grad_fn(params, head)
+        params = {k: v - lr_of(k) * gp[k] for k, v in params.items()}
+        head = {k: v - lr_of(f"head.{k}") * gh[k] for k, v in head.items()}
+    return params, head
 
 
 def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type: TaskType, num_outputs: int,
@@ -101,61 +182,78 @@ def inner_adapt(backbone: nn.Module, params: Params, buffers: Params, task_type:
     ``head.weight``/``head.bias``) to a learning-rate tensor broadcastable to it.
     Second order keeps the inner gradients on the autograd graph; first order detaches them.
     """
-    width = feature_dim(backbone, support_x)
-    head = zero_head(width, num_outputs, next(iter(params.values())))
+    head = zero_head(feature_dim(backbone, support_x), num_outputs, next(iter(params.values())))
+    with _batch_statistics(backbone, bn_train):
+        return _sgd(backbone, params, buffers, head, task_type, support_x, support_y, steps, inner_lr, first_order)
 
-    def support_loss(p: Params, h: Params) -> Tensor:
-        return task_type.loss(_logits(backbone, p, buffers, h, support_x), support_y)
 
-    grad_fn = grad(support_loss, argnums=(0, 1))
+def _shape_key(episode: Episode) -> tuple:
+    """Episodes with equal keys can be stacked: task type, head width, each tensor's shape and dtype."""
+    tensors = (episode.support_x, episode.support_y, episode.query_x, episode.query_y)
+    return (episode.task_type, episode.num_outputs, *((tuple(t.shape), t.dtype) for t in tensors))
 
-    def lr_of(name: str) -> float | Tensor:
-        return inner_lr if isinstance(inner_lr, (int, float)) else inner_lr[name]
 
-    with train_mode(backbone, bn_train):
-        for _ in range(steps):
-            if first_order:
-                gp, gh = grad_fn({k: v.detach() for k, v in params.items()},
-                                 {k: v.detach() for k, v in head.items()})
-            else:
-                gp, gh = grad_fn(params, head)
-            params = {k: v - lr_of(k) * gp[k] for k, v in params.items()}
-            head = {k: v - lr_of(f"head.{k}") * gh[k] for k, v in head.items()}
-    return params, head
+def shape_groups(episodes: Sequence[Episode], batched: bool = True) -> list[list[Episode]]:
+    """The episodes grouped by shape (task type, head width, each tensor's shape and dtype), groups
+    in order of their first episode; with ``batched=False`` one group per episode."""
+    if not batched:
+        return [[ep] for ep in episodes]
+    groups: dict[tuple, list[Episode]] = {}
+    for ep in episodes:
+        groups.setdefault(_shape_key(ep), []).append(ep)
+    return list(groups.values())
+
+
+def group_loss(backbone: nn.Module, episodes: Sequence[Episode], inner_steps: int,
+               inner_lr: float | Mapping[str, Tensor], first_order: bool, bn_train: bool) -> Tensor:
+    """Sum of the query losses after inner adaptation of same-shaped episodes, adapted together
+    (``vmap`` over the episodes; one episode runs as it is). Differentiable w.r.t. the backbone's
+    parameters (and Meta-SGD's rates), shared by every episode."""
+    first = episodes[0]
+    params = dict(backbone.named_parameters())
+    buffers = dict(backbone.named_buffers())
+    head = zero_head(feature_dim(backbone, first.support_x), first.num_outputs, next(iter(params.values())))
+
+    def query_loss(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> Tensor:
+        adapted, h = _sgd(backbone, params, buffers, head, first.task_type, sx, sy, inner_steps, inner_lr, first_order)
+        return first.task_type.loss(_logits(backbone, adapted, buffers, h, qx), qy)
+
+    data = [[ep.support_x, ep.support_y, ep.query_x, ep.query_y] for ep in episodes]
+    with _batch_statistics(backbone, bn_train):
+        if len(episodes) == 1:
+            return query_loss(*data[0])
+        with nullcontext() if first_order else _AffineApart():
+            return vmap(query_loss, randomness="different")(*(torch.stack(ts) for ts in zip(*data))).sum()
 
 
 def maml_loss(backbone: nn.Module, episodes: Sequence[Episode], inner_steps: int = MAMLConfig.inner_steps,
               inner_lr: float | Mapping[str, Tensor] = MAMLConfig.inner_lr, first_order: bool = MAMLConfig.first_order,
-              bn_train: bool = MAMLConfig.bn_train) -> Tensor:
+              bn_train: bool = MAMLConfig.bn_train, batched: bool = True) -> Tensor:
     """Mean query loss after inner adaptation, differentiable w.r.t. the backbone's parameters.
 
-    Episodes are handled one after the other, so each may have its own way, shot and task type.
+    Each episode may have its own way, shot and task type; same-shaped ones adapt together
+    (``batched=False``: one after another; the same loss and gradient up to float rounding).
     """
-    params = dict(backbone.named_parameters())
-    buffers = dict(backbone.named_buffers())
-    losses = []
-    for ep in episodes:
-        adapted, head = inner_adapt(backbone, params, buffers, ep.task_type, ep.num_outputs,
-                                    ep.support_x, ep.support_y, inner_steps, inner_lr, first_order, bn_train)
-        with train_mode(backbone, bn_train):
-            logits = _logits(backbone, adapted, buffers, head, ep.query_x)
-        losses.append(ep.task_type.loss(logits, ep.query_y))
-    return torch.stack(losses).mean()
+    return sum(group_loss(backbone, g, inner_steps, inner_lr, first_order, bn_train)
+               for g in shape_groups(episodes, batched)) / len(episodes)
 
 
 class MAML:
     """Meta-trainer: backbone, outer Adam, inner-loop settings and optional Meta-SGD rates.
 
-    ``meta_step`` back-propagates episode by episode (the graph of one episode is freed before
-    the next is built), which gives the gradient of the mean query loss with the peak memory of
-    a single episode.
+    ``meta_step`` back-propagates group by group (``shape_groups``: the graph of one group of
+    same-shaped episodes is freed before the next is built), which gives the gradient of the
+    mean query loss with the peak memory of the largest group. ``batched``: whether same-shaped
+    episodes adapt together (None: by device and image size, the rule measured for fine-tuning,
+    ``finetune.default_batched``: on CUDA up to 64x64 images; one by one on a CPU, where it was
+    0.6-0.7x the speed for MAML, and on larger images, where vmap's grouped convolutions were slower).
     """
 
     def __init__(self, backbone: nn.Module, inner_steps: int = MAMLConfig.inner_steps,
                  inner_lr: float = MAMLConfig.inner_lr, first_order: bool = MAMLConfig.first_order,
                  meta_sgd: bool = False, outer_lr: float = MAMLConfig.outer_lr, bn_train: bool = MAMLConfig.bn_train,
-                 test_steps: int = MAMLConfig.test_steps) -> None:
-        self.backbone = backbone
+                 test_steps: int = MAMLConfig.test_steps, batched: bool | None = None) -> None:
+        self.backbone, self.batched = backbone, batched
         self.inner_steps, self.inner_lr, self.first_order = inner_steps, inner_lr, first_order
         self.bn_train, self.test_steps = bn_train, test_steps
         self.inner_lrs: dict[str, nn.Parameter] = {}
@@ -187,9 +285,12 @@ class MAML:
         count = meta_batch or len(episodes)
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for ep in episodes:
-            loss = maml_loss(self.backbone, [ep.to(self.device).as_float()], self.inner_steps, self._lr(),
-                             self.first_order, self.bn_train) / count
+        episodes = [ep.to(self.device).as_float() for ep in episodes]
+        batched = (self.batched if self.batched is not None
+                   else bool(episodes) and default_batched(self.device, episodes[0].support_x))
+        for group in shape_groups(episodes, batched):
+            loss = group_loss(self.backbone, group, self.inner_steps, self._lr(), self.first_order,
+                              self.bn_train) / count
             loss.backward()
             total += loss.detach()
         params = [*self.backbone.parameters(), *self.inner_lrs.values()]
@@ -235,7 +336,7 @@ def adapt_and_predict(backbone: nn.Module, episode: Episode, steps: int, lr: flo
     with torch.no_grad():
         adapted, head = inner_adapt(backbone, params, buffers, episode.task_type, episode.num_outputs, support_x,
                                     support_y, steps, lr, first_order=True, bn_train=bn_train)
-        with train_mode(backbone, bn_train):
+        with _batch_statistics(backbone, bn_train):
             return _logits(backbone, adapted, buffers, head, query_x)
 
 
