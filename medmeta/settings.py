@@ -252,48 +252,38 @@ def repeated(values: Iterable[Any]) -> Any | None:
     return None
 
 
-def shot_list(text: str) -> list[int]:
-    """``--shots 1,5,10`` as a list of distinct counts of at least 1, for argparse's ``type=``; anything
-    else is one ``error: argument --shots: ...`` line."""
-    shots = []
+def _distinct_ints(text: str, what: str, kind: str, minimum: int | None, distinct: str) -> list[int]:
+    """A comma list of distinct integers (at least ``minimum``) for argparse's ``type=``; anything
+    else is one ``error: argument ...`` line (``what`` and ``kind`` name them in it)."""
+    values = []
     for item in comma_list(text):
-        if not item.isdigit() or int(item) < 1:
-            raise argparse.ArgumentTypeError(f"shots are counts of at least 1, got {item!r} in {text!r}")
-        shots.append(int(item))
-    twice = repeated(shots)
+        try:
+            value = int(item)
+        except ValueError:
+            value = None
+        if value is None or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"{what} are {kind}, got {item!r} in {text!r}")
+        values.append(value)
+    twice = repeated(values)
     if twice is not None:
-        raise argparse.ArgumentTypeError(f"shot counts must be distinct; {twice} is given twice")
-    return shots
+        raise argparse.ArgumentTypeError(f"{distinct} must be distinct; {twice} is given twice")
+    return values
+
+
+def shot_list(text: str) -> list[int]:
+    """``--shots 1,5,10`` as a list of distinct counts of at least 1."""
+    return _distinct_ints(text, "shots", "counts of at least 1", 1, "shot counts")
 
 
 def seed_list(text: str) -> list[int]:
-    """``--seeds 0,1,2`` as a list of distinct integers, for argparse's ``type=``: a repeated seed
-    would run the same thing twice and report its copies as agreeing runs (sd 0.000 across seeds),
-    so it is refused, as is a non-integer, with one ``error: argument --seeds: ...`` line."""
-    seeds = []
-    for item in comma_list(text):
-        try:
-            seeds.append(int(item))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"seeds are integers, got {item!r} in {text!r}") from None
-    twice = repeated(seeds)
-    if twice is not None:
-        raise argparse.ArgumentTypeError(f"seeds must be distinct; {twice} is given twice")
-    return seeds
+    """``--seeds 0,1,2`` as a list of distinct integers: a repeated seed would run the same thing
+    twice and report its copies as agreeing runs (sd 0.000 across seeds), so it is refused."""
+    return _distinct_ints(text, "seeds", "integers", None, "seeds")
 
 
 def size_list(text: str) -> list[int]:
-    """``--size 28,64`` as a list of distinct integers, for argparse's ``type=`` (the config checks
-    each is an image size)."""
-    sizes = []
-    for item in comma_list(text):
-        if not item.isdigit():
-            raise argparse.ArgumentTypeError(f"sizes are integers (28, 64, 128, 224), got {item!r} in {text!r}")
-        sizes.append(int(item))
-    twice = repeated(sizes)
-    if twice is not None:
-        raise argparse.ArgumentTypeError(f"sizes must be distinct; {twice} is given twice")
-    return sizes
+    """``--size 28,64`` as a list of distinct integers (the config checks each is an image size)."""
+    return _distinct_ints(text, "sizes", "integers (28, 64, 128, 224)", 1, "sizes")
 
 
 def nested(flat: Mapping[str, Any]) -> dict[str, Any]:
