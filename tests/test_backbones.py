@@ -26,8 +26,9 @@ import supervised  # noqa: E402
 TINY = ("test_vit", "test_resnet", "test_efficientnet")
 
 
-@pytest.mark.parametrize("arch", [*TINY, "alexnet"])
+@pytest.mark.parametrize("arch", [*TINY, "alexnet", "mobilenetv3_small_050"])
 def test_every_backbone_maps_grey_and_rgb_images_to_features(arch: str) -> None:
+    """mobilenetv3: its features come after a hidden head layer, wider than timm's ``num_features``."""
     torch.manual_seed(0)
     net = build_backbone(arch).eval()
     with torch.no_grad():

@@ -159,7 +159,9 @@ class TimmBackbone(nn.Module):
                               "work; use pad or resize")
         self.adapter = ImageAdapter(tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)), (h, w),
                                     "pad" if mode == "auto" else mode)
-        self.out_features: int = int(self.model.num_features)
+        # timm's features without a classifier: after the head's hidden layer where there is one
+        # (VGG's 4096-wide pre-logits, MobileNetV3's 1024-wide conv head), not ``num_features``
+        self.out_features: int = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
 
     def load_weights(self, state: Mapping[str, torch.Tensor], source: str) -> None:
         """A timm state dict (classifier ignored) or this backbone's own."""
