@@ -62,5 +62,5 @@ def test_posthoc_is_bonferroni_corrected_and_factors_average_the_others() -> Non
     np.testing.assert_allclose(m, [[0.6, 0.75], [0.7, 0.85]])  # each dataset's mean over the archs
     tests = factor_tests(rows, ["size", "arch"], "acc")
     assert [t["factor"] for t in tests] == ["size", "arch"] and "friedman" not in tests[0]  # two levels: pairs only
-    assert "| size | 28 vs 64 |" in format_tests(tests)
+    assert "| size | acc | 28 vs 64 |" in format_tests(tests)
     assert effect_size(0.05) == "negligible" and effect_size(0.3) == "medium"

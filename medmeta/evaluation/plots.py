@@ -214,8 +214,8 @@ def grid_figure(rows: Sequence[Mapping[str, Any]], transitions: Sequence[Mapping
         ax = axes.flat[len(schemes)]
         labels = [f"{t['scheme']} {t['from']}→{t['to']}" for t in transitions]
         ax.barh(range(len(transitions)), [t["improved"] / t["cells"] for t in transitions], color=PALETTE[1])
-        for y, t in enumerate(transitions):
-            ax.text(0.01, y, f"{t['improved']} of {t['cells']}", va="center", fontsize=7, color="white")
+        for y, t in enumerate(transitions):  # beside the bar: readable when none improved
+            ax.text(t["improved"] / t["cells"] + 0.01, y, f"{t['improved']} of {t['cells']}", va="center", fontsize=7)
         ax.set_yticks(range(len(transitions)), labels, fontsize=7)
         ax.set_xlim(0, 1)
         ax.tick_params(axis="x", labelsize=7)

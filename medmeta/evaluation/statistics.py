@@ -126,12 +126,12 @@ def format_tests(tests: Sequence[Mapping[str, Any]]) -> str:
         f = t.get("friedman")
         cells = (f"{f['chi2']:.2f} ({f['dof']}) | {f['p']:.3g} | {f['kendall_w']:.2f}" if f else "- | - | -")
         lines.append(f"| {t['factor']} | {t['metric']} | {levels} | {len(t['blocks'])} | {cells} |")
-    lines += ["", "| factor | pair | mean Δ | Wilcoxon W | Z | p | p (Bonferroni) | r (effect) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| factor | metric | pair | mean Δ | Wilcoxon W | Z | p | p (Bonferroni) | r (effect) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for t in tests:
         for p in t["pairs"]:
             mark = " *" if p["significant"] else ""
-            lines.append(f"| {t['factor']} | {p['a']} vs {p['b']} | {p['mean_difference']:+.3f} "
+            lines.append(f"| {t['factor']} | {t['metric']} | {p['a']} vs {p['b']} | {p['mean_difference']:+.3f} "
                          f"| {p['statistic']:.1f} | {p['z']:.2f} | {p['p']:.3g} | {p['p_bonferroni']:.3g}{mark} "
                          f"| {p['r']:.2f} ({p['effect']}) |")
     return "\n".join(lines)
