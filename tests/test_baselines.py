@@ -316,3 +316,15 @@ def test_linear_and_knn_share_one_feature_cache(store: Store, synthetic: Synthet
     shutil.rmtree(tmp_path / "out" / "tclass" / "features")
     fresh = Baselines(config, tmp_path / "out2", root=store.root, manifest=synthetic.manifest).run()
     assert [r["test_auroc"] for r in fresh["runs"]] == [r["test_auroc"] for r in first["runs"]]  # same features
+
+
+def test_frozen_features_take_fewer_images_per_pass_at_larger_inputs() -> None:
+    """256 images a pass up to 64px; a timm model padding to its input takes fewer, so that a
+    pass holds about as many pixels (VGG16 on 256 images at 224px peaked at 11 GB)."""
+    from medmeta.evaluation.baselines import feature_batch
+
+    assert feature_batch(build_backbone("resnet18"), 28) == 256 and feature_batch(build_backbone("resnet18"), 64) == 256
+    assert feature_batch(build_backbone("resnet18"), 224) == 256 * 64 * 64 // 224 ** 2 == 20
+    side = build_backbone("test_resnet").adapter.size[0]
+    assert side > 64 and feature_batch(build_backbone("test_resnet"), 28) == 256 * 64 * 64 // side ** 2
+    assert feature_batch(build_backbone("test_resnet", input="native"), 28) == 256
