@@ -130,6 +130,8 @@ def test_a_grid_of_sizes_is_killed_and_resumed_without_redoing_a_finished_cell(
     assert resnet == {11_176_512}  # ResNet-18's backbone without its head
     md = (tmp_path / "out" / "baselines.md").read_text()
     assert "| params (M) | images/s | peak MiB |" in md and "| 11.18 |" in md
+    knn_row = next(line for line in md.splitlines() if "| knn |" in line)
+    assert " † |" in knn_row and "† k-NN: the AUROC of its vote shares" in md
     summary = json.loads((tmp_path / "out" / "grid.json").read_text())
     # size: one dataset has both sizes, too few blocks for a test; its transitions are counted
     assert {t["factor"] for t in summary["tests"]} == {"scheme", "arch"}

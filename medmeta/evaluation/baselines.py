@@ -514,12 +514,16 @@ def markdown(table: list[dict[str, Any]]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in table:
         budget = f"{r['epochs']} ({r['batch_size']})" if r["epochs"] is not None else "-"
+        votes = " †" if r["scheme"] == "knn" else ""
         lines.append(f"| {r['dataset']} | {r['size']} | {r['arch']} ({r['init']}) | {r['scheme']} | {budget} "
                      f"| {r['seeds']} "
-                     f"| {r['test_auroc']:.3f} ± {r['test_auroc_std']:.3f} | {r['test_acc']:.3f} ± {r['test_acc_std']:.3f} "
+                     f"| {r['test_auroc']:.3f} ± {r['test_auroc_std']:.3f}{votes} "
+                     f"| {r['test_acc']:.3f} ± {r['test_acc_std']:.3f} "
                      f"| {r['v2_resnet18_28_auroc_acc'] or '-'} | {r['plus_resnet18_28_acc_auroc'] or '-'} "
                      f"| {r['seconds']:.0f} | {_cost(r.get('params') and r['params'] / 1e6, '.2f')} "
                      f"| {_cost(r.get('images_per_s'), '.0f')} | {_cost(r.get('peak_memory_mb'), '.0f')} |")
+    if any(r["scheme"] == "knn" for r in table):
+        lines += ["", "† k-NN: the AUROC of its vote shares, not of a calibrated score."]
     return "\n".join(lines)
 
 
