@@ -261,8 +261,7 @@ class MultiTaskPretrainer:
                 self.save(self.checkpoint)
             if on_step is not None:
                 on_step(self.step)
-        count_time()
-        log_losses()
+        log_losses()  # the time is counted up to the last checkpoint: a resumed finished run adds none
         bar.close()
         if self.writer is not None and self.seconds > 0:
             self.writer.add_scalar("pretrain/data_share", self.data_seconds / self.seconds, self.step)
