@@ -30,7 +30,7 @@ from medmeta.data.medimeta import area_resize
 from medmeta.data.store import Store
 from medmeta.data.tasks import MedMNISTTask, find_task
 from medmeta.episodes import EpisodeSampler
-from medmeta.errors import ConfigError, SourceError, StoreError
+from medmeta.errors import ConfigError, StoreError
 from medmeta.evaluation.protocol import resolve_sources
 from medmeta.evaluation.sweep import Sweep
 from medmeta.tasktype import TaskType
