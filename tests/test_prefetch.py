@@ -20,7 +20,8 @@ from medmeta.data.store import Store
 from medmeta.data.tasks import MedMNISTTask
 from medmeta.learning.models import Classifier
 from medmeta.learning.pretrain import MultiTaskPretrainer, PretrainConfig
-from medmeta.learning.runtime import host_batch, prefetch, to_device
+from medmeta.data.tasks import to_device
+from medmeta.learning.runtime import prefetch
 from medmeta.learning.supervised import SupervisedConfig, SupervisedTrainer, epoch_batches
 
 from .conftest import Synthetic
@@ -193,7 +194,7 @@ def test_the_thread_ends_when_the_consumer_stops_or_fails() -> None:
 def test_host_batch_then_to_device_is_get_batch(store: Store) -> None:
     ds = tasks(store, "train")["toyclass"]
     idx = np.array([0, 3, 7, 8])
-    for got, want in zip(to_device(host_batch(ds, idx, CPU), CPU), ds.get_batch(idx, CPU)):
+    for got, want in zip(to_device(ds.host_batch(idx, CPU), CPU), ds.get_batch(idx, CPU)):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
@@ -205,7 +206,7 @@ def test_host_batch_then_to_device_is_get_batch_on_cuda(store: Store) -> None:
     idx = np.array([0, 3, 7, 8])
     for transform in (None, PadTo(32)):
         ds = MedMNISTTask(store, "toyclass", "train", transform=transform, in_memory=False)
-        [batch] = list(prefetch(host_batch(ds, idx, cuda) for _ in range(1)))  # pinned in the loader thread
+        [batch] = list(prefetch(ds.host_batch(idx, cuda) for _ in range(1)))  # pinned in the loader thread
         assert batch[0].is_pinned() and batch[0].dtype == (torch.uint8 if transform is None else torch.float32)
         for got, want in zip(to_device(batch, cuda), ds.get_batch(idx, cuda)):
             assert got.device == want.device and torch.equal(got, want)

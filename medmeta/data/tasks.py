@@ -92,6 +92,17 @@ def list_tasks(store: Store) -> list[TaskDescription]:
     return [t for subset, size in store.built() for t in describe_subset(store.manifest[subset], size)]
 
 
+def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device | None,
+              convert: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device half of ``MedMNISTTask.get_batch``: a ``host_batch`` copied without blocking,
+    uint8 pixels converted there (``unit_float``) when ``convert``; on the CPU, as it is."""
+    x, y = batch
+    if device is None or device.type == "cpu":
+        return x, y
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return (unit_float(x) if convert and x.dtype == torch.uint8 else x), y
+
+
 class MedMNISTTask(Dataset):
     """Images and labels of one task and split, read from a built store.
 
@@ -203,26 +214,26 @@ class MedMNISTTask(Dataset):
         To a CUDA device (no transform), the uint8 pixels are pinned, copied without blocking and
         converted there: a quarter of the bytes cross the bus and the host does no float work
         (the host conversion was half of each mm-PT step at 224px on an H200). The values are
-        those of the host path (``unit_float``).
+        those of the host path (``unit_float``). ``host_batch`` then ``to_device`` is the same in
+        two halves, for a loader thread.
         """
+        device = None if device is None else torch.device(device)
+        return to_device(self.host_batch(indices, device, dtype), device, convert=dtype == torch.float32)
+
+    def host_batch(self, indices: Sequence[int] | np.ndarray, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host half of ``get_batch`` (a loader thread's part): images and labels gathered, and
+        for CUDA pinned, still uint8 without a transform (converted there by ``to_device``)."""
         check_pixel_read(self.task.task_id, dtype, self.transform)
         device = None if device is None else torch.device(device)
         on_gpu = device is not None and device.type == "cuda"
-        convert_there = on_gpu and self.transform is None
         x = self.pixels(self.raw_images(indices))
-        if dtype == torch.float32 and not convert_there:
+        if dtype == torch.float32 and not (on_gpu and self.transform is None):
             x = unit_float(x)
             if self.transform is not None:
                 x = torch.stack([self.transform(img) for img in x])
         y = self.label_tensor(indices)
-        if device is None or device.type == "cpu":
-            return x, y
-        if on_gpu:
-            x, y = x.pin_memory(), y.pin_memory()
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if dtype == torch.float32 and convert_there:
-            x = unit_float(x)
-        return x, y
+        return (x.pin_memory(), y.pin_memory()) if on_gpu else (x, y)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.to_tensor(self.raw_images([index]))[0]

@@ -46,15 +46,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from .. import distributed
-from ..data.tasks import MedMNISTTask
+from ..data.tasks import MedMNISTTask, to_device
 from ..episodes.sampling import TEMPERATURE, TaskWeighting, task_probabilities
 from ..errors import ConfigError
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from .backbones import Start
 from .models import MultiHeadModel, batchnorm_restored, reestimate_batchnorm
-from .runtime import (Precision, autocast, check_identity, check_steps, checkpoint_identity, evaluate_split,
-                      host_batch, prefetch, to_device)
+from .runtime import Precision, autocast, check_identity, check_steps, checkpoint_identity, evaluate_split, prefetch
 
 
 LOSS_READ_EVERY = 25
@@ -146,8 +145,8 @@ class MultiTaskPretrainer:
         rng, cursors = copy.deepcopy(self.rng), dict(self.cursors)
         for _ in range(count):
             k, indices = self._draw(rng, cursors)
-            batch = host_batch(self.train[self.task_ids[k]], indices[distributed.batch_slice(len(indices))],
-                               self.device)
+            batch = self.train[self.task_ids[k]].host_batch(indices[distributed.batch_slice(len(indices))],
+                                                            self.device)
             yield k, batch, rng.bit_generator.state, dict(cursors)
 
     def train_steps(self, count: int, prefetch_batches: bool = True) -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,7 +8,7 @@ import queue
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -16,7 +16,6 @@ from torch import nn
 
 from .. import distributed
 from ..data.tasks import MedMNISTTask
-from ..data.transforms import unit_float
 from ..errors import ConfigError
 from ..settings import Settings
 from .models import train_mode
@@ -184,26 +183,6 @@ def prefetch(items: Iterable[T], depth: int = PREFETCH_DEPTH) -> Iterator[T]:
         close = getattr(source, "close", None)
         if close is not None:
             close()
-
-
-def host_batch(dataset: MedMNISTTask, indices: Sequence[int] | np.ndarray, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The host half of ``dataset.get_batch(indices, device)`` (a loader thread's part): images
-    and labels gathered, and for CUDA pinned, still uint8 without a transform (converted on the
-    GPU by ``to_device``: a quarter of the bytes cross the bus). The same values as ``get_batch``."""
-    on_gpu = device.type == "cuda"
-    x, y = dataset.get_batch(indices, dtype=torch.uint8 if on_gpu and dataset.transform is None else torch.float32)
-    return (x.pin_memory(), y.pin_memory()) if on_gpu else (x, y)
-
-
-def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device half of ``get_batch``: a ``host_batch`` copied without blocking, uint8 pixels
-    converted there (``unit_float``)."""
-    x, y = batch
-    if device.type == "cpu":
-        return x, y
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    return (unit_float(x) if x.dtype == torch.uint8 else x), y
 
 
 Precision = Literal["auto", "fp32", "bf16"]

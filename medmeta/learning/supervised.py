@@ -30,11 +30,11 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from .. import distributed
-from ..data.tasks import MedMNISTTask
+from ..data.tasks import MedMNISTTask, to_device
 from ..files import torch_save_atomic
 from ..settings import Settings, setting
 from .models import train_mode
-from .runtime import Precision, autocast, check_identity, checkpoint_identity, host_batch, predict, prefetch, to_device
+from .runtime import Precision, autocast, check_identity, checkpoint_identity, predict, prefetch
 
 
 @dataclass
@@ -134,7 +134,7 @@ class SupervisedTrainer:
         order = self.rng.permutation(len(self.train))
         losses = []
         batches = epoch_batches(order, cfg.batch_size)
-        gathered = (host_batch(self.train, np.sort(batch), self.device) for batch in batches)
+        gathered = (self.train.host_batch(np.sort(batch), self.device) for batch in batches)
         with closing(prefetch(gathered) if self.prefetch_batches else gathered) as source:
             for _ in batches:
                 data_clock = time.perf_counter()
