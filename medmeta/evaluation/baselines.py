@@ -99,6 +99,11 @@ class BaselineConfig(Settings):
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """Resources of each cell's SLURM job (``--launcher slurm``)."""
 
+    @property
+    def two_d_only(self) -> bool:
+        """Whether the grid cannot take 3D subsets: published weights, or a backbone other than medmeta's ResNets."""
+        return self.init == "pretrained" or any(a not in ARCHS for a in self.archs)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         for key in ("seeds", "sizes", "archs", "schemes"):
@@ -205,8 +210,7 @@ class Baselines:
         names, left = config.datasets, []
         if names == ["all"]:
             names = [n for n in m.subsets if any(self.store.present(n, s, source_dir) for s in config.sizes)]
-            two_d_only = config.init == "pretrained" or any(a not in ARCHS for a in config.archs)
-            left = [n for n in names if m[n].dims == 3] if two_d_only else []
+            left = [n for n in names if m[n].dims == 3] if config.two_d_only else []
             names = [n for n in names if n not in left]
             if not names:
                 raise ConfigError(f"--dataset all: no subset is present at {', '.join(map(str, config.sizes))}px")
@@ -214,7 +218,7 @@ class Baselines:
         self.skipped = [f"{n}: 3D, it takes medmeta's ResNets from scratch" for n in left]
         self.pairs: list[tuple[str, int]] = []  # the (dataset, size)s that run
         for name in self.datasets:
-            if m[name].dims == 3 and (config.init == "pretrained" or any(a not in ARCHS for a in config.archs)):
+            if m[name].dims == 3 and config.two_d_only:
                 bad = next((a for a in config.archs if a not in ARCHS), config.archs[0])
                 raise ConfigError(f"{name} is 3D: it takes resnet18 or resnet50 from scratch (2.5D, 3D or ACS "
                                   f"convolutions), not {bad} with init {config.init}")
