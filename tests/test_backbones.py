@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from medmeta.errors import ConfigError, MethodError
@@ -195,6 +196,25 @@ def test_mmpt_and_maml_start_from_pretrained_weights(synthetic: Synthetic, tmp_p
                            manifest=synthetic.manifest)
     assert len(list((tmp_path / "out" / "pretrained").glob("mmpt-*"))) == 2  # another start trains apart
     assert scratch["methods"]["mmpt+proto"]["settings"]["init"]["config"]["init"] == "scratch"
+
+
+def test_a_canvas_replaces_the_weights_input_size() -> None:
+    """MedMNIST+ pads every backbone to 224, whatever its pretrained config says (EfficientNet-B4
+    320, SAM 1024): ``model.canvas`` is that size, for timm, torchvision and medmeta's models."""
+    torch.manual_seed(0)
+    net = build_backbone("test_resnet", input="pad", canvas=48).eval()  # its own input size is 160
+    assert net.adapter.size == (48, 48)
+    x = torch.rand(2, 1, 28, 28)
+    padded = F.pad((x.expand(-1, 3, -1, -1) - net.adapter.mean) / net.adapter.std, (10, 10, 10, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.model(padded))
+    assert build_backbone("alexnet", input="pad", canvas=96).adapter.size == (96, 96)
+    assert build_backbone("resnet18", input="resize", canvas=64).adapter.size == (64, 64)
+    assert ModelConfig(arch="test_resnet", input="pad", canvas=224).canvas == 224
+    with pytest.raises(ConfigError, match="model.canvas: a canvas of 224 needs model.input pad or resize"):
+        ModelConfig(canvas=224)
+    with pytest.raises(ConfigError, match="model.canvas: vit_tiny_patch16_224 takes only 224x224 images, not 96x96"):
+        build_backbone("vit_tiny_patch16_224", input="pad", canvas=96)
 
 
 def test_a_bad_weight_tag_and_native_input_on_a_fixed_size_model_are_one_line() -> None:

@@ -363,7 +363,7 @@ class Baselines:
         torch.manual_seed(seed)
         m = self.model(arch)
         return build_backbone(m.arch, dims=dims, stem=m.stem, weights=start_weights(self.config.init, m.weights),
-                              conv3d=conv or "3d", input=m.input)
+                              conv3d=conv or "3d", input=m.input, canvas=m.canvas)
 
     def end2end(self, cell: Cell, folder: Path) -> dict[str, Any]:
         """Train end-to-end (checkpointed in ``folder``), keep the best validation epoch, score the test split."""

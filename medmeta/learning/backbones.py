@@ -13,7 +13,9 @@ use any of them alike.
 ``input`` says how images smaller than the model's input size get there: ``pad`` (normalise,
 then centre in a zero canvas: MedMNIST+'s recipe), ``resize`` (bilinear), or ``native`` (as
 they are, where the architecture accepts the size). ``auto`` pads for timm and torchvision
-models and keeps medmeta's ResNets native (they take any size).
+models and keeps medmeta's ResNets native (they take any size). The input size is the weights'
+own (timm's pretrained config; 224 for AlexNet and medmeta's ResNets) unless ``canvas`` names
+another: MedMNIST+ pads every model's input to 224, EfficientNet-B4 (320) and SAM (1024) too.
 
 Weights: ``"pretrained"`` asks timm or torchvision for the published weights (their own
 download and cache); a path reads a local file (timm or torchvision state dict, ``.pth`` or
@@ -136,7 +138,7 @@ class TimmBackbone(nn.Module):
     """A timm model without its classifier (``num_classes=0``) behind an ``ImageAdapter`` built
     from its pretrained config. State-dict keys are timm's under ``model.``."""
 
-    def __init__(self, arch: str, pretrained: bool, mode: InputMode) -> None:
+    def __init__(self, arch: str, pretrained: bool, mode: InputMode, canvas: int | None = None) -> None:
         super().__init__()
         import timm
 
@@ -153,12 +155,17 @@ class TimmBackbone(nn.Module):
         c, h, w = cfg.get("input_size", (3, 224, 224))
         self.arch = arch
         self.classifier = cfg.get("classifier") or ()
-        fixed = hasattr(self.model, "pos_embed") and not getattr(self.model, "dynamic_img_size", False)
-        if mode == "native" and fixed:  # a transformer whose position embedding fits one image size
+        # a transformer whose position embedding fits one image size (timm's ViTs and EVAs unless
+        # built with dynamic_img_size; SAM resamples its embedding to any size)
+        fixed = hasattr(self.model, "pos_embed") and getattr(self.model, "dynamic_img_size", None) is False
+        if mode == "native" and fixed:
             raise ConfigError(f"config key model.input: {arch} takes only {h}x{w} images, so native input cannot "
                               "work; use pad or resize")
-        self.adapter = ImageAdapter(tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)), (h, w),
-                                    "pad" if mode == "auto" else mode)
+        if canvas is not None and fixed and canvas != h:
+            raise ConfigError(f"config key model.canvas: {arch} takes only {h}x{w} images, not {canvas}x{canvas}; "
+                              f"set model.canvas to {h} or leave it unset")
+        self.adapter = ImageAdapter(tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
+                                    (canvas, canvas) if canvas else (h, w), "pad" if mode == "auto" else mode)
         # timm's features without a classifier: after the head's hidden layer where there is one
         # (VGG's 4096-wide pre-logits, MobileNetV3's 1024-wide conv head), not ``num_features``
         self.out_features: int = int(getattr(self.model, "head_hidden_size", None) or self.model.num_features)
@@ -178,7 +185,7 @@ class AlexNetBackbone(nn.Module):
     """torchvision's AlexNet with its last classifier layer replaced by the identity (4096
     features), ImageNet normalisation, 224px input. State-dict keys are torchvision's."""
 
-    def __init__(self, pretrained: bool, mode: InputMode) -> None:
+    def __init__(self, pretrained: bool, mode: InputMode, canvas: int | None = None) -> None:
         super().__init__()
         from torchvision.models import AlexNet_Weights, alexnet
 
@@ -186,7 +193,7 @@ class AlexNetBackbone(nn.Module):
         self.arch = "alexnet"
         self.features, self.avgpool, self.classifier = net.features, net.avgpool, net.classifier
         self.classifier[6] = nn.Identity()
-        self.adapter = ImageAdapter(IMAGENET_MEAN, IMAGENET_STD, (224, 224), "pad" if mode == "auto" else mode)
+        self.adapter = ImageAdapter(IMAGENET_MEAN, IMAGENET_STD, (canvas or 224,) * 2, "pad" if mode == "auto" else mode)
         self.out_features = 4096
         if pretrained:
             self.load_weights(download(AlexNet_Weights.DEFAULT.url, "alexnet"), "torchvision's AlexNet weights")
@@ -212,11 +219,12 @@ def download(url: str, arch: str) -> dict[str, torch.Tensor]:
             f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}, or start from scratch") from err
 
 
-def build_pretrained_2d(arch: str, weights: str | os.PathLike | None, mode: InputMode) -> nn.Module:
+def build_pretrained_2d(arch: str, weights: str | os.PathLike | None, mode: InputMode,
+                        canvas: int | None = None) -> nn.Module:
     """A timm or torchvision backbone: random, published (``"pretrained"``) or from a file."""
     published = isinstance(weights, str) and weights == PRETRAINED
-    net: TimmBackbone | AlexNetBackbone = (AlexNetBackbone(published, mode) if arch == "alexnet"
-                                           else TimmBackbone(arch, published, mode))
+    net: TimmBackbone | AlexNetBackbone = (AlexNetBackbone(published, mode, canvas) if arch == "alexnet"
+                                           else TimmBackbone(arch, published, mode, canvas))
     if weights is not None and not published:
         net.load_weights(read_weights(weights), f"weights file {os.fspath(weights)!r}")
     return net

@@ -41,7 +41,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, MethodError
-from ..settings import Settings
+from ..settings import Settings, setting
 from .backbones import PRETRAINED, ImageAdapter, InputMode, build_pretrained_2d, check_arch, download, read_weights
 
 Arch = Literal["resnet18", "resnet50"]
@@ -63,6 +63,10 @@ class ModelConfig(Settings):
     input: InputMode = "auto"
     """How images reach the model's input size: pad (zeros after normalisation), resize, native;
     auto: native for medmeta's ResNets, pad for the others (see ``backbones``)."""
+    canvas: int | None = setting(None, min=1)
+    """The side images are padded or resized to (needs ``input`` pad or resize); None: the
+    architecture's own input size (timm's pretrained config; 224 for AlexNet and medmeta's
+    ResNets). MedMNIST+ pads every backbone to 224."""
     weights: str | None = None
     """A local weights file for the pretrained initialisation; None: the published weights (downloaded)."""
     conv3d: Conv3dKind = "3d"
@@ -71,6 +75,9 @@ class ModelConfig(Settings):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_arch(self.arch)
+        if self.canvas is not None and self.input not in ("pad", "resize"):
+            raise ConfigError(f"config key model.canvas: a canvas of {self.canvas} needs model.input pad or resize "
+                              f"(it is {self.input})")
 
 
 _RESNET_2D = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet50": (Bottleneck, [3, 4, 6, 3])}
@@ -208,7 +215,7 @@ class ResNet2d(ResNet):
     Output: features (B, out_features).
     """
 
-    def __init__(self, arch: Arch, stem: Stem, mode: InputMode = "auto") -> None:
+    def __init__(self, arch: Arch, stem: Stem, mode: InputMode = "auto", canvas: int | None = None) -> None:
         block, layers = _RESNET_2D[arch]
         super().__init__(block, layers)
         self.arch = arch
@@ -221,7 +228,7 @@ class ResNet2d(ResNet):
             self.maxpool = nn.Identity()
         use_small_map_convs(self)
         # Its buffers are non-persistent: the state dict keeps exactly torchvision's keys.
-        self.adapter = ImageAdapter(IMAGENET_MEAN, IMAGENET_STD, (224, 224), "native" if mode == "auto" else mode)
+        self.adapter = ImageAdapter(IMAGENET_MEAN, IMAGENET_STD, (canvas or 224,) * 2, "native" if mode == "auto" else mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.adapter(x))
@@ -283,7 +290,8 @@ class ResNet3d(ResNet):
 
 def build_backbone(
     arch: str = ModelConfig.arch, dims: int = 2, stem: Stem = ModelConfig.stem, weights: WeightsArg = None,
-    conv3d: Conv3dKind = ModelConfig.conv3d, input: InputMode = ModelConfig.input
+    conv3d: Conv3dKind = ModelConfig.conv3d, input: InputMode = ModelConfig.input,
+    canvas: int | None = ModelConfig.canvas
 ) -> nn.Module:
     """The one backbone registry: (B, C, H, W) or (B, 1, D, H, W) in [0, 1] -> (B, out_features).
 
@@ -300,6 +308,7 @@ def build_backbone(
         backbone takes only its own); ``fc.*`` entries are ignored; with the cifar stem a 7x7
         ``conv1.weight`` does not fit the 3x3 conv: every weight except conv1 is loaded.
     input: how images reach the model's input size (``backbones.ImageAdapter``).
+    canvas: that input size, if not the architecture's own (2D only).
     """
     if dims not in (2, 3):
         raise ConfigError(f"dims must be 2 or 3, got {dims!r}")
@@ -313,10 +322,10 @@ def build_backbone(
         if dims == 3:
             raise MethodError(f"{arch} is a 2D architecture; 3D targets take resnet18 or resnet50 (2.5D, 3D or ACS "
                               "convolutions: model.conv3d)")
-        return build_pretrained_2d(arch, PRETRAINED if published else weights, input)
+        return build_pretrained_2d(arch, PRETRAINED if published else weights, input, canvas)
     if conv3d not in CONV3D_KINDS:
         raise ConfigError(f"conv3d must be one of {CONV3D_KINDS}, got {conv3d!r}")
-    model: nn.Module = ResNet2d(arch, stem, input) if dims == 2 else ResNet3d(arch, stem, conv3d)
+    model: nn.Module = ResNet2d(arch, stem, input, canvas) if dims == 2 else ResNet3d(arch, stem, conv3d)
     if weights is None:
         return model
     if published:

@@ -45,7 +45,7 @@ def random_backbone(context: InitContext, weights: str | None = None) -> nn.Modu
     torch.manual_seed(context.seed)
     model = context.model
     return build_backbone(model.arch, dims=context.dims, stem=model.stem, weights=weights,
-                          conv3d=model.conv3d, input=model.input).to(context.device)
+                          conv3d=model.conv3d, input=model.input, canvas=model.canvas).to(context.device)
 
 
 @dataclass
