@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import yaml
 
@@ -29,10 +29,9 @@ from medmeta import distributed
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import ConfigError, MedmetaError
-from medmeta.evaluation import Protocol, load_experiment_config
+from medmeta.evaluation import Protocol, launch, load_experiment_config
 from medmeta.evaluation.config import methods_help
 from medmeta.evaluation.curves import Curve
-from medmeta.evaluation.launch import Launcher, relaunch_under_torchrun
 from medmeta.evaluation.sweep import Sweep
 from medmeta.learning.runtime import configure_threads
 from medmeta.settings import comma_list, nested, seed_list, shot_list
@@ -48,15 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                          "DATASET:TASK), a comma list, or 'all' (every subset present)")
     parser.add_argument("--seeds", type=seed_list,
                         help="comma list of seeds (pretraining, heads): one run per seed, mean and sd across seeds")
-    parser.add_argument("--launcher", choices=get_args(Launcher), default="local",
-                        help="run the jobs of a sweep here, on SLURM through submitit, or in submitit's local "
-                             "executor (subprocesses here)")
-    parser.add_argument("--no-wait", action="store_true", help="with --launcher slurm: submit and return; the same "
-                                                               "command later collects the table")
-    parser.add_argument("--partition", help="SLURM partition (or slurm.partition)")
-    parser.add_argument("--gpus", type=int, help="GPUs per SLURM job, one process each (or slurm.gpus_per_node)")
-    parser.add_argument("--time", type=int, help="SLURM time limit per job in minutes (or slurm.timeout_min)")
-    parser.add_argument("--mem", type=int, help="memory per SLURM job in GB (or slurm.mem_gb)")
+    launch.add_arguments(parser, "jobs of a sweep (one per target and seed)")
     parser.add_argument("--methods", type=comma_list, help=methods_help())
     parser.add_argument("--reference", help="the method paired differences are taken against, one of --methods "
                                             "(default: the first; config key reference)")
@@ -83,9 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="override any config key, e.g. --set pretrain.steps=500")
     parser.add_argument("--threads", type=int, help="torch CPU threads of this run (default: torch's, one per core); "
                                                     "give runs sharing a machine one each")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="processes on this machine: re-launches this command under torchrun (one per GPU, or "
-                             "one per core on a CPU); the same as `torchrun --nproc_per_node N experiments/cdfsl.py`")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("--debug", action="store_true", default=os.environ.get(DEBUG_ENV, "") not in ("", "0"),
                         help=f"show the traceback of an error (e.g. raised in your own method) instead of one line "
@@ -100,16 +88,14 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
     return nested({"target": one_target, "methods": args.methods, "reference": args.reference, "sources": sources,
                    "episodes.shots": args.shots[0] if args.shots else None, "episodes.count": args.episodes, "episodes.file": args.episodes_file,
                    "size": args.size, "seed": args.seed, "model.weights": args.weights,
-                   "checkpoint": args.checkpoint, "device": args.device, "slurm.partition": args.partition,
-                   "slurm.gpus_per_node": args.gpus, "slurm.timeout_min": args.time, "slurm.mem_gb": args.mem})
+                   "checkpoint": args.checkpoint, "device": args.device, **launch.overrides(args)})
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     """Run one target, or a sweep over several, from the command line; bad input is one line and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if args.nproc > 1 and not distributed.launched():
-        relaunch_under_torchrun(args.nproc, __file__, argv)
+    if launch.relaunched(args, __file__, argv):
         return None
     try:
         warning = configure_threads(args.threads)

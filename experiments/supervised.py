@@ -31,8 +31,8 @@ from medmeta import distributed
 from medmeta.data.fetch import SOURCE_DIR_ENV
 from medmeta.data.manifest import MANIFEST_ENV, load_manifest
 from medmeta.errors import MedmetaError
+from medmeta.evaluation import launch
 from medmeta.evaluation.baselines import BaselineConfig, Baselines, Init, Resize, combine_folders
-from medmeta.evaluation.launch import Launcher, relaunch_under_torchrun
 from medmeta.learning.runtime import configure_threads
 from medmeta.settings import comma_list, load_settings, nested, seed_list, size_list
 
@@ -66,29 +66,18 @@ def main(argv: list[str] | None = None) -> dict | None:
                         help="a MedIMeta data path (the folder holding its dataset folders): its tasks are datasets "
                              "here as DATASET:TASK (repeatable)")
     parser.add_argument("--out", help="output folder (default runs/supervised)")
-    parser.add_argument("--launcher", choices=get_args(Launcher), default="local",
-                        help="run the cells here, on SLURM through submitit, or in submitit's local executor")
-    parser.add_argument("--no-wait", action="store_true", help="with --launcher slurm: submit and return; the same "
-                                                               "command later collects the table")
-    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine, each running its share of the "
-                                                             "cells (re-launches this command under torchrun)")
-    parser.add_argument("--partition", help="SLURM partition (or slurm.partition)")
-    parser.add_argument("--gpus", type=int, help="GPUs per SLURM job (or slurm.gpus_per_node)")
-    parser.add_argument("--time", type=int, help="SLURM time limit per cell in minutes (or slurm.timeout_min)")
-    parser.add_argument("--mem", type=int, help="memory per SLURM job in GB (or slurm.mem_gb)")
+    launch.add_arguments(parser, "cells (one job each; under --nproc each process runs its share)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     parser.add_argument("--combine", nargs="+", metavar="DIR",
                         help="write one table (to --out) from the baselines.json of these earlier --out folders")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    if args.nproc > 1 and not distributed.launched():
-        relaunch_under_torchrun(args.nproc, __file__, argv)
+    if launch.relaunched(args, __file__, argv):
         return None
     overrides = nested({"datasets": args.dataset, "seeds": args.seeds, "schemes": args.schemes, "convs": args.convs,
                         "sizes": args.size, "archs": args.arch, "input_size": args.input_size, "resize": args.resize,
                         "train.epochs": args.epochs, "model.weights": args.weights, "device": args.device,
-                        "init": args.init, "slurm.partition": args.partition, "slurm.gpus_per_node": args.gpus,
-                        "slurm.timeout_min": args.time, "slurm.mem_gb": args.mem})
+                        "init": args.init, **launch.overrides(args)})
     if args.combine:
         if args.out is None:
             parser.error("--combine needs --out, the folder of the combined table")

@@ -163,6 +163,7 @@ def test_the_medmnist_plus_profile_is_its_grid() -> None:
     assert len(config.archs) == 10 and "vit_base_patch16_224.dino" in config.archs and "alexnet" in config.archs
     assert config.schemes == ["end2end", "linear", "knn"] and config.init == "pretrained"
     assert (config.train.optimizer, config.train.lr, config.train.batch_size) == ("adamw", 0.0001, 64)
+    assert (config.model.input, config.model.canvas) == ("pad", 224)  # every backbone padded to 224, as its code does
 
 
 def test_the_grid_refuses_model_arch_and_one_weights_file_for_several_archs() -> None:
@@ -177,3 +178,28 @@ def test_the_grid_refuses_model_arch_and_one_weights_file_for_several_archs() ->
         from_mapping(BaselineConfig, {"archs": ["vgg16", "alexnet"], "init": "pretrained", "model": {"weights": "w.pth"}})
     with pytest.raises(ConfigError, match=r"^config key sizes: sizes must be distinct; 28 is given twice"):
         from_mapping(BaselineConfig, {"sizes": [28, 28]})
+
+
+def test_both_commands_take_the_same_launcher_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """cdfsl.py and supervised.py declare --launcher, --no-wait, --nproc and the SLURM resources
+    once (``launch.add_arguments``), and both map them to the same ``slurm.*`` keys."""
+    import argparse
+
+    import cdfsl
+    import yaml
+
+    from medmeta.evaluation import launch
+
+    flags = ["--launcher", "slurm", "--no-wait", "--partition", "gpu", "--gpus", "2", "--time", "30", "--mem", "8"]
+    parser = argparse.ArgumentParser()
+    launch.add_arguments(parser, "jobs")
+    wanted = {"slurm.partition": "gpu", "slurm.gpus_per_node": 2, "slurm.timeout_min": 30, "slurm.mem_gb": 8}
+    assert launch.overrides(parser.parse_args(flags)) == wanted
+    cdfsl.main([*flags, "--print-config"])
+    slurm = yaml.safe_load(capsys.readouterr().out)["slurm"]
+    assert {f"slurm.{k}": v for k, v in slurm.items() if f"slurm.{k}" in wanted} == wanted
+    for script in (cdfsl, supervised):
+        with pytest.raises(SystemExit):
+            script.main(["--help"])
+        usage = capsys.readouterr().out
+        assert all(flag in usage for flag in flags if flag.startswith("--")), script.__name__

@@ -12,14 +12,18 @@ is left. Launchers:
 * ``slurm``: one SLURM job each through submitit, recorded in ``out/jobs.json`` so that a rerun
   does not submit a job still queued or running; ``wait=False`` submits and returns.
 * ``submitit-local``: submitit's local executor (subprocesses here), to check a SLURM setup.
+
+``add_arguments`` and ``overrides`` are the command-line side, shared by ``cdfsl.py`` and
+``supervised.py``: the same flags, the same config keys.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .. import distributed
 from ..errors import ConfigError
@@ -117,6 +121,38 @@ def launch(todo: Sequence[tuple[str, tuple]], fn: Callable[..., Any], out: Path,
         run_local(todo, fn, total, desc, shard=shard)
         return True
     return submit(todo, fn, out, slurm, launcher, wait, total, desc)
+
+
+def add_arguments(parser: argparse.ArgumentParser, jobs: str) -> None:
+    """The flags that say where a command's ``jobs`` run: ``--launcher``, ``--no-wait``, ``--nproc``
+    and each SLURM job's resources (``overrides`` turns them into ``slurm.*`` config keys)."""
+    parser.add_argument("--launcher", choices=get_args(Launcher), default="local",
+                        help=f"run the {jobs} here, on SLURM through submitit, or in submitit's local executor "
+                             "(subprocesses here)")
+    parser.add_argument("--no-wait", action="store_true", help="with --launcher slurm: submit and return; the same "
+                                                               "command later collects the table")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes on this machine (one per GPU, or one per core on a CPU): re-launches this "
+                             "command under torchrun, the same as `torchrun --nproc_per_node N <script>`")
+    parser.add_argument("--partition", help="SLURM partition (or slurm.partition)")
+    parser.add_argument("--gpus", type=int, help="GPUs per SLURM job, one process each (or slurm.gpus_per_node)")
+    parser.add_argument("--time", type=int, help="SLURM time limit per job in minutes (or slurm.timeout_min)")
+    parser.add_argument("--mem", type=int, help="memory per SLURM job in GB (or slurm.mem_gb)")
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``add_arguments``' SLURM flags as dotted config keys (None where a flag is left out)."""
+    return {"slurm.partition": args.partition, "slurm.gpus_per_node": args.gpus, "slurm.timeout_min": args.time,
+            "slurm.mem_gb": args.mem}
+
+
+def relaunched(args: argparse.Namespace, script: str, argv: list[str]) -> bool:
+    """With ``--nproc N`` (N > 1) outside torchrun: run ``script`` under torchrun and say so (the
+    caller then returns); else False."""
+    if args.nproc > 1 and not distributed.launched():
+        relaunch_under_torchrun(args.nproc, script, argv)
+        return True
+    return False
 
 
 def relaunch_under_torchrun(nproc: int, script: str, argv: list[str]) -> None:
