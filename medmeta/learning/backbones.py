@@ -91,12 +91,12 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, arch: str,
-                 ignore: tuple[str, ...] = ()) -> None:
+                 ignore: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> None:
     """Load ``state`` into ``module``: every key present with its shape, nothing else (keys under
-    ``ignore``, e.g. a classifier the backbone does not have, are dropped); else one line naming
-    ``source`` and the first key that does not fit."""
-    state = {k: v for k, v in state.items() if not any(k == p or k.startswith(p + ".") for p in ignore)}
-    own = module.state_dict()
+    ``ignore``, e.g. a classifier the backbone does not have, are dropped; the module's keys in
+    ``keep`` stay as they are); else one line naming ``source`` and the first key that does not fit."""
+    state = {k: v for k, v in state.items() if not any(k == p or k.startswith(p + ".") for p in ignore + keep)}
+    own = {k: v for k, v in module.state_dict().items() if k not in keep}
     for key, value in state.items():
         if key not in own:
             raise ConfigError(f"{source} does not fit {arch}: unexpected key {key!r} (a file of another architecture?)")
@@ -106,7 +106,7 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
     missing = [k for k in own if k not in state]
     if missing:
         raise ConfigError(f"{source} does not fit {arch}: missing key {missing[0]!r} ({len(missing)} missing)")
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=not keep)
 
 
 class ImageAdapter(nn.Module):

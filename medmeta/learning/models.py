@@ -42,7 +42,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..errors import ConfigError, MethodError
 from ..settings import Settings, setting
-from .backbones import PRETRAINED, ImageAdapter, InputMode, build_pretrained_2d, check_arch, download, read_weights
+from .backbones import (PRETRAINED, ImageAdapter, InputMode, build_pretrained_2d, check_arch, download,
+                        load_checked, read_weights)
 
 Arch = Literal["resnet18", "resnet50"]
 """medmeta's own ResNets; ``model.arch`` also takes torchvision's alexnet and any timm name (``backbones``)."""
@@ -336,24 +337,13 @@ def build_backbone(
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model`` strictly, except fc.* and (cifar stem) a non-fitting conv1."""
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = model.state_dict()
-    skipped = set()
+    """Load torchvision ResNet keys into medmeta's ResNet, checked key by key (``load_checked``);
+    ``fc.*`` is dropped, and with the cifar stem a 7x7 ``conv1`` that does not fit stays random."""
     conv1 = state.get("conv1.weight")
-    if model.stem == "cifar" and conv1 is not None and conv1.shape != own["conv1.weight"].shape:
-        del state["conv1.weight"]
-        skipped.add("conv1.weight")
-    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = sorted(set(own) - set(state) - skipped)
-    unexpected = sorted(set(state) - set(own))
-    if mismatched or missing or unexpected:
-        raise ConfigError(
-            f"{source} do not fit a {model.arch} {type(model).__name__} with the {model.stem} stem: "
-            f"shape mismatches {mismatched[:5]}, missing keys {missing[:5]}, unexpected keys {unexpected[:5]}"
-        )
-    model.load_state_dict(state, strict=False)
+    keep = (("conv1.weight",) if model.stem == "cifar" and conv1 is not None
+            and conv1.shape != model.state_dict()["conv1.weight"].shape else ())
+    load_checked(model, state, source, f"a {model.arch} {type(model).__name__} with the {model.stem} stem",
+                 ignore=("fc",), keep=keep)
 
 
 class Classifier(nn.Module):
