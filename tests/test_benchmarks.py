@@ -84,10 +84,10 @@ def test_ours_and_plain_compute_the_same_features() -> None:
 
     from medmeta.learning.models import build_backbone
 
-    for arch in ("test_vit", "alexnet"):
+    for arch, canvas in (("test_vit", None), ("alexnet", None), ("test_resnet", 64)):
         torch.manual_seed(0)
-        ours = build_backbone(arch).eval()
-        plain = backbones.Plain(arch).eval()
+        ours = build_backbone(arch, **({"input": "pad", "canvas": canvas} if canvas else {})).eval()
+        plain = backbones.Plain(arch, canvas).eval()
         plain.model.load_state_dict(ours.model.state_dict() if hasattr(ours, "model") else ours.state_dict())
         x = torch.rand(2, 1, 28, 28)
         with torch.no_grad():
