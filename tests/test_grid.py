@@ -203,3 +203,21 @@ def test_both_commands_take_the_same_launcher_flags(capsys: pytest.CaptureFixtur
             script.main(["--help"])
         usage = capsys.readouterr().out
         assert all(flag in usage for flag in flags if flag.startswith("--")), script.__name__
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-cell peak memory on a CPU is Linux's")
+def test_a_cells_peak_memory_on_a_cpu_is_its_own() -> None:
+    """Cells run one after another in one process each report their own peak resident size,
+    not the process's peak so far (which made every row after a 17 GB cell read 17 GB)."""
+    import torch
+
+    from medmeta.evaluation.baselines import _peak_memory_mb, _reset_peak_memory
+
+    cpu = torch.device("cpu")
+    _reset_peak_memory(cpu)
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    big_peak = _peak_memory_mb(cpu)
+    del big
+    _reset_peak_memory(cpu)
+    small_peak = _peak_memory_mb(cpu)
+    assert big_peak - small_peak > 300

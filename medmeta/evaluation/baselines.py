@@ -169,16 +169,27 @@ def run_cell(config: dict[str, Any], cell: Cell, out: str, root: str | None, sou
 
 
 def _reset_peak_memory(device: torch.device) -> None:
+    """Start a cell's peak memory: CUDA's peak allocated, or on Linux this process's peak resident
+    size (``/proc/self/clear_refs``), so cells run one after another each report their own."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:  # not Linux: the peak stays the process's
+        pass
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA: the peak allocated since the cell started; CPU: this process's peak resident size so far
-    (per cell when each cell is its own process, as under the submitit launchers)."""
+    """CUDA: the peak allocated since the cell started; CPU: this process's peak resident size
+    since the cell started (Linux's VmHWM after ``_reset_peak_memory``; elsewhere the process's peak so far)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024  # kB
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def feature_batch(backbone: torch.nn.Module, size: int, pixels: int = 256 * 64 * 64) -> int:
@@ -507,7 +518,10 @@ def _mean(values: list[Any]) -> float | None:
 
 
 def _cost(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    """A cost for the table; ``fmt`` "rate": two significant digits below 10 (1.2 images/s), whole above."""
+    if value is None:
+        return "-"
+    return format(value, (".2g" if value < 10 else ".0f") if fmt == "rate" else fmt)
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
@@ -525,7 +539,7 @@ def markdown(table: list[dict[str, Any]]) -> str:
                      f"| {r['test_acc']:.3f} ± {r['test_acc_std']:.3f} "
                      f"| {r['v2_resnet18_28_auroc_acc'] or '-'} | {r['plus_resnet18_28_acc_auroc'] or '-'} "
                      f"| {r['seconds']:.0f} | {_cost(r.get('params') and r['params'] / 1e6, '.2f')} "
-                     f"| {_cost(r.get('images_per_s'), '.0f')} | {_cost(r.get('peak_memory_mb'), '.0f')} |")
+                     f"| {_cost(r.get('images_per_s'), 'rate')} | {_cost(r.get('peak_memory_mb'), '.0f')} |")
     if any(r["scheme"] == "knn" for r in table):
         lines += ["", "† k-NN: the AUROC of its vote shares, not of a calibrated score."]
     return "\n".join(lines)
