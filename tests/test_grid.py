@@ -221,3 +221,10 @@ def test_a_cells_peak_memory_on_a_cpu_is_its_own() -> None:
     _reset_peak_memory(cpu)
     small_peak = _peak_memory_mb(cpu)
     assert big_peak - small_peak > 300
+
+
+def test_slow_rates_keep_two_significant_digits() -> None:
+    from medmeta.evaluation.baselines import _cost
+
+    assert [_cost(v, "rate") for v in (0.0113, 1.234, 2.0, 9.96, 27.09)] == ["0.011", "1.2", "2.0", "10", "27"]
+    assert _cost(None, "rate") == "-" and _cost(11.176, ".2f") == "11.18"

@@ -518,10 +518,10 @@ def _mean(values: list[Any]) -> float | None:
 
 
 def _cost(value: float | None, fmt: str) -> str:
-    """A cost for the table; ``fmt`` "rate": two significant digits below 10 (1.2 images/s), whole above."""
+    """A cost for the table; ``fmt`` "rate": two significant digits below 10 (1.2, 2.0 images/s), whole above."""
     if value is None:
         return "-"
-    return format(value, (".2g" if value < 10 else ".0f") if fmt == "rate" else fmt)
+    return format(value, ("#.2g" if value < 9.95 else ".0f") if fmt == "rate" else fmt)
 
 
 def markdown(table: list[dict[str, Any]]) -> str:
