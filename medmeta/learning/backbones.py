@@ -95,8 +95,11 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: s
     """Load ``state`` into ``module``: every key present with its shape, nothing else (keys under
     ``ignore``, e.g. a classifier the backbone does not have, are dropped; the module's keys in
     ``keep`` stay as they are); else one line naming ``source`` and the first key that does not fit."""
-    state = {k: v for k, v in state.items() if not any(k == p or k.startswith(p + ".") for p in ignore + keep)}
-    own = {k: v for k, v in module.state_dict().items() if k not in keep}
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    state = {k: v for k, v in state.items() if not under(k, ignore + keep)}
+    own = {k: v for k, v in module.state_dict().items() if not under(k, keep)}
     for key, value in state.items():
         if key not in own:
             raise ConfigError(f"{source} does not fit {arch}: unexpected key {key!r} (a file of another architecture?)")

@@ -341,7 +341,7 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     ``fc.*`` is dropped, and with the cifar stem a 7x7 ``conv1`` that does not fit stays random."""
     conv1 = state.get("conv1.weight")
     keep = (("conv1.weight",) if model.stem == "cifar" and conv1 is not None
-            and conv1.shape != model.state_dict()["conv1.weight"].shape else ())
+            and conv1.shape != model.conv1.weight.shape else ())
     load_checked(model, state, source, f"a {model.arch} {type(model).__name__} with the {model.stem} stem",
                  ignore=("fc",), keep=keep)
 
